@@ -1,0 +1,79 @@
+"""What every dataset provides, and the nnU-Net raw-format writer they share.
+
+A prepared dataset is an nnU-Net raw folder ``$BENCH_HOME/nnunet/raw/DatasetNNN_Name``
+with ``imagesTr``/``labelsTr`` for every case (test cases included: the
+protocol decides which case is used for what) and a ``.complete`` marker
+written last. A folder without the marker is an interrupted preparation and is
+never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar, Dict, Iterator, List, Optional
+
+from bench.home import subdir
+
+COMPLETE_MARKER = ".complete"
+
+
+class DatasetError(ValueError):
+    """Bad input: the message names the file, what is wrong and what to do."""
+
+
+class Dataset:
+    name: ClassVar[str]
+    dataset_id: ClassVar[int]
+    folder_name: ClassVar[str]          # nnU-Net "DatasetNNN_Name"
+    channel_names: ClassVar[Dict[str, str]] = {"0": "CT"}
+    labels: ClassVar[Dict[str, int]] = {"background": 0, "lymph_node": 1}
+    needs_source: ClassVar[bool] = True  # phantom generates itself
+    description: ClassVar[str] = ""
+
+    def raw_dir(self) -> Path:
+        return subdir("nnunet", "raw") / self.folder_name
+
+    def is_prepared(self) -> bool:
+        return (self.raw_dir() / COMPLETE_MARKER).is_file()
+
+    def prepare(self, source: Optional[Path] = None, **options) -> Path:
+        raise NotImplementedError
+
+    def case_ids(self) -> List[str]:
+        lab = self.raw_dir() / "labelsTr"
+        return sorted(p.name[: -len(".nii.gz")] for p in lab.glob("*.nii.gz"))
+
+    def image_files(self, case_id: str) -> List[str]:
+        return [str(self.raw_dir() / "imagesTr" / f"{case_id}_{int(c):04d}.nii.gz")
+                for c in sorted(self.channel_names, key=int)]
+
+    def label_file(self, case_id: str) -> str:
+        return str(self.raw_dir() / "labelsTr" / f"{case_id}.nii.gz")
+
+    def dataset_json(self, num_training: int) -> dict:
+        return {"channel_names": self.channel_names, "labels": self.labels,
+                "numTraining": num_training, "file_ending": ".nii.gz", "name": self.folder_name}
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """Write into a temporary sibling folder; publish it (rename + marker) only on success."""
+        final = self.raw_dir()
+        tmp = final.with_name(final.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "imagesTr").mkdir(parents=True)
+        (tmp / "labelsTr").mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        n = len(list((tmp / "labelsTr").glob("*.nii.gz")))
+        (tmp / "dataset.json").write_text(json.dumps(self.dataset_json(n), indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (final / COMPLETE_MARKER).write_text("ok\n")

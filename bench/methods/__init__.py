@@ -1,0 +1,30 @@
+"""Method registry. Each method lives in its own module and registers itself once.
+
+Add a method: write ``bench/methods/mymethod.py`` with a ``Method`` subclass
+decorated ``@METHODS.register("my-method")`` and import it in ``_load_all``.
+"""
+from __future__ import annotations
+
+from bench.registry import Registry
+from bench.methods.base import Method, MethodContext
+
+METHODS: Registry = Registry("method")
+
+
+def _load_all() -> None:
+    # Import for the registration side effect; order is the display order's tiebreak only.
+    from bench.methods import full  # noqa: F401
+    from bench.methods import dgst  # noqa: F401  (dgst, dgst-random, dgst-static, dgst-released)
+
+
+def get_method(name: str, **hparams) -> Method:
+    return METHODS.get(name)(**hparams)
+
+
+def method_names() -> list:
+    return METHODS.names()
+
+
+_load_all()
+
+__all__ = ["METHODS", "Method", "MethodContext", "get_method", "method_names"]

@@ -1,0 +1,111 @@
+"""The one interface every fine-tuning method implements.
+
+The engine (``bench.engine.trainer.BenchTrainer``) calls these hooks and never
+asks which method it holds. A method decides what is trainable (``prepare``),
+what the optimizer sees (``param_groups``), may edit gradients or updates
+(``after_backward`` / ``after_step``), may add a loss term (``regularizer``)
+and returns plain nnU-Net weights (``export``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodContext:
+    """What a method may know about the run: the foundation weights and the spec."""
+    foundation_state: Dict[str, torch.Tensor]
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def is_head(name: str) -> bool:
+    """nnU-Net's segmentation heads: all deep-supervision outputs live in ``seg_layers``."""
+    return ".seg_layers." in f".{name}"
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                               nn.modules.instancenorm._InstanceNorm))
+
+
+def norm_parameter_names(network: nn.Module) -> set:
+    names = set()
+    for mname, module in network.named_modules():
+        if is_norm(module):
+            for pname, _ in module.named_parameters(recurse=False):
+                names.add(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+class Method:
+    """Base class: full fine-tuning semantics unless a hook is overridden."""
+
+    name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""
+    # Method-specific hyper-parameters and their defaults; shared ones (lr,
+    # iterations, optimizer, weight decay) live in the run spec.
+    defaults: ClassVar[Dict[str, Any]] = {}
+    # Recipe overrides applied to the run spec unless the user sets them
+    # (e.g. the released DGST trainer's lr).
+    spec_overrides: ClassVar[Dict[str, Any]] = {}
+    # Whether the network is initialised from the foundation weights.
+    uses_foundation: ClassVar[bool] = True
+
+    def __init__(self, **hparams: Any):
+        unknown = set(hparams) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
+                             f"it accepts: {sorted(self.defaults) or 'none'}")
+        self.hp: Dict[str, Any] = {**self.defaults, **hparams}
+
+    # --- set-up ---------------------------------------------------------------------------
+    def prepare(self, network: nn.Module, ctx: MethodContext) -> nn.Module:
+        """Freeze, wrap or insert modules. Returns the network to train."""
+        return network
+
+    def param_groups(self, network: nn.Module) -> List[dict]:
+        return [{"params": [p for p in network.parameters() if p.requires_grad]}]
+
+    def on_train_start(self, trainer) -> None:
+        """Called once with the trainer after data loaders exist (e.g. calibration passes)."""
+
+    # --- per step -------------------------------------------------------------------------
+    def regularizer(self, network: nn.Module) -> Optional[torch.Tensor]:
+        return None
+
+    def after_backward(self, network: nn.Module, step: int) -> None:
+        """Gradients are available (already unscaled under AMP), before clipping and the step."""
+
+    def before_step(self, network: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Right before ``optimizer.step()``."""
+
+    def after_step(self, network: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Right after ``optimizer.step()``."""
+
+    # --- results --------------------------------------------------------------------------
+    def export(self, network: nn.Module) -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+        """Weights loadable by stock nnU-Net, and an optional architecture override for plans.json
+        (``{"network_class_name": ..., "arch_kwargs": {...}}``) when the method changes the architecture."""
+        return {k: v.detach().clone() for k, v in network.state_dict().items()}, None
+
+    def trainable_names(self, network: nn.Module) -> List[str]:
+        return [n for n, p in network.named_parameters() if p.requires_grad]
+
+    @classmethod
+    def search_space(cls, trial) -> Dict[str, Any]:
+        """Optuna space of this method's own hyper-parameters (shared ones are added by the tuner)."""
+        return {}
+
+    def describe(self) -> str:
+        hp = ", ".join(f"{k}={v}" for k, v in self.hp.items())
+        return f"{self.name}({hp})"
+
+
+def count(params: Iterable[torch.Tensor]) -> int:
+    return int(sum(p.numel() for p in params))
