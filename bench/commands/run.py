@@ -1,0 +1,87 @@
+"""``bench run``: one fine-tuning cell, evaluated on the protocol's test cases."""
+from __future__ import annotations
+
+import json
+
+
+def _kv(text: str):
+    key, _, value = text.partition("=")
+    if not _:
+        raise ValueError(f"--hp expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_run_arguments(p) -> None:
+    """Arguments shared by run and tune."""
+    p.add_argument("--method", required=True, help="a registered method (see `bench methods`)")
+    p.add_argument("--dataset", default="phantom", help="registered dataset (default: phantom, embedded)")
+    p.add_argument("--shots", type=int, default=3, help="support cases: 1, 3 or 5 (default 3)")
+    p.add_argument("--repeat", type=int, default=0, help="protocol repeat (support draw), default 0")
+    p.add_argument("--protocol", default=None, help="protocol version (default: newest)")
+    p.add_argument("--foundation", default=None,
+                   help="nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
+                        "default: the phantom foundation, built on first use")
+    p.add_argument("--iterations", type=int, default=60, help="training iterations (same budget for all methods)")
+    p.add_argument("--eval-every", type=int, default=10, help="iterations between tuning-set pseudo-Dice checks")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in $BENCH_HOME)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="fine-tune one method on one few-shot split and evaluate it",
+                       description="Fine-tune a foundation model with METHOD on the support cases of one "
+                                   "protocol split, predict the fixed test cases with nnU-Net, print per-case "
+                                   "metrics and log the run to MLflow.")
+    add_run_arguments(p)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: method recipe or 3e-3)")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
+    p.add_argument("--params", default="default",
+                   help="'default', or 'tuned' to use the best parameters found by `bench tune`")
+    p.set_defaults(func=main)
+
+
+def spec_from_args(args, **overrides):
+    from bench.runner import RunSpec
+    return RunSpec(method=args.method, dataset=args.dataset, shots=args.shots, repeat=args.repeat,
+                   protocol_version=args.protocol, foundation=args.foundation, iterations=args.iterations,
+                   eval_every=args.eval_every, optimizer=args.optimizer, device=args.device, seed=args.seed,
+                   **overrides)
+
+
+def main(args) -> int:
+    from bench.methods import METHODS
+    from bench.runner import run
+    METHODS.get(args.method)  # fail fast with the list of valid names
+    hparams = dict(_kv(t) for t in args.hp)
+    overrides = {"hparams": hparams, "lr": args.lr}
+    if args.params == "tuned":
+        from bench.tuning import load_tuned
+        tuned = load_tuned(args.method, args.dataset, args.shots)
+        overrides.update(tuned.spec_overrides(explicit=overrides))
+    elif args.params != "default":
+        raise ValueError("--params takes 'default' or 'tuned'")
+    result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)
+    print_result(result)
+    return 0
+
+
+def print_result(result: dict) -> None:
+    spec = result["spec"]
+    print(f"\n{spec['method']} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
+          f"(protocol {spec['protocol_version']}), {result['evaluated']} cases:")
+    print(f"{'case':<14}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
+    for c in result["cases"]:
+        print(f"{c['case_id']:<14}{c['dice']:>8.3f}{c['hd95']:>10.2f}{c['nsd']:>8.3f}{c['lesion_f1']:>11.3f}")
+    s = result["summary"]
+    print(f"{'mean':<14}{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
+    p, c = result["params"], result["cost"]
+    print(f"trainable {p['trainable']:,} of {p['total']:,} parameters; changed {p['changed']:,}; "
+          f"train {c['train_seconds']:.1f} s ({c['step_seconds_median']:.3f} s/step, {c['device']}); "
+          f"peak memory {c['peak_memory_mb']:.0f} MiB")
+    print(f"result: {result['model_dir'].rsplit('/model', 1)[0]}/result.json; MLflow run {result['mlflow_run_id']}")

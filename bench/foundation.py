@@ -1,0 +1,151 @@
+"""Foundation models: any nnU-Net trained-model folder, or the tiny phantom foundation built here.
+
+A foundation folder is nnU-Net's trained-model layout: ``plans.json``,
+``dataset.json`` and ``fold_<k>/checkpoint_final.pth`` (a folder holding the
+checkpoint next to the json files also works). The phantom foundation is built
+reproducibly by ``bench foundation build`` (same recipe and seed) and cached in
+``$BENCH_HOME/foundations/``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from bench.home import subdir
+
+CHECKPOINT = "checkpoint_final.pth"
+
+# The recipe of the phantom foundation. Changing it changes the model: bump the name.
+PHANTOM_RECIPE = {"name": "phantom-v1", "iterations": 150, "lr": 3e-3, "optimizer": "adamw",
+                  "weight_decay": 3e-5, "seed": 0, "eval_every": 50}
+# Intensity statistics for CT normalisation, measured on the source phantom's body voxels
+# (nnU-Net would use label voxels only, which for small nodes would clip away all anatomy).
+PHANTOM_INTENSITY = {"max": 900.0, "mean": 40.0, "median": 45.0, "min": -1000.0,
+                     "percentile_00_5": -150.0, "percentile_99_5": 350.0, "std": 90.0}
+
+
+@dataclass
+class Foundation:
+    name: str
+    folder: Path
+    plans: dict
+    dataset_json: dict
+    configuration: str
+    state_dict: Dict[str, torch.Tensor]
+    mirror_axes: Optional[Tuple[int, ...]]
+
+    @property
+    def label_names(self):
+        return sorted(self.dataset_json["labels"], key=lambda k: str(self.dataset_json["labels"][k]))
+
+
+def _find_checkpoint(folder: Path) -> Path:
+    direct = folder / CHECKPOINT
+    if direct.is_file():
+        return direct
+    folds = sorted(folder.glob(f"fold_*/{CHECKPOINT}"))
+    if not folds:
+        raise FileNotFoundError(f"{folder}: no {CHECKPOINT} (expected nnU-Net's trained-model folder with "
+                                f"plans.json, dataset.json and fold_0/{CHECKPOINT})")
+    return folds[0]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """weights_only loading first; nnU-Net's own checkpoints also pickle numpy logging values,
+    which needs a full unpickle: done only then, with a warning (load only files you trust)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickle.UnpicklingError and friends
+        warnings.warn(f"{path} is not loadable with weights_only=True (nnU-Net pickles numpy objects); "
+                      "loading it with full unpickling. Only use checkpoints you trust.")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_foundation(folder) -> Foundation:
+    folder = Path(folder).expanduser().resolve()
+    ckpt_path = _find_checkpoint(folder)
+    for base in (ckpt_path.parent, ckpt_path.parent.parent):
+        if (base / "plans.json").is_file() and (base / "dataset.json").is_file():
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: plans.json and dataset.json not found next to {ckpt_path}")
+    ckpt = load_checkpoint(ckpt_path)
+    if "network_weights" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not an nnU-Net checkpoint (no 'network_weights')")
+    plans = json.loads((base / "plans.json").read_text())
+    configuration = ckpt.get("init_args", {}).get("configuration") or next(iter(plans["configurations"]))
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
+    mirror = ckpt.get("inference_allowed_mirroring_axes")
+    return Foundation(name=folder.name, folder=folder, plans=plans,
+                      dataset_json=json.loads((base / "dataset.json").read_text()),
+                      configuration=configuration, state_dict=state,
+                      mirror_axes=tuple(mirror) if mirror is not None else None)
+
+
+def save_model_folder(folder: Path, plans: dict, dataset_json: dict, configuration: str,
+                      state_dict: Dict[str, torch.Tensor], mirror_axes=None, extra: Optional[dict] = None) -> Path:
+    """Write nnU-Net's trained-model layout, loadable by ``nnUNetPredictor.initialize_from_trained_model_folder``
+    and by ``nnUNetv2_predict``. The checkpoint holds only plain types (weights_only-loadable)."""
+    folder = Path(folder)
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    (folder / "plans.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
+    ckpt = {"network_weights": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "init_args": {"configuration": configuration, "fold": 0},
+            "trainer_name": "nnUNetTrainer", "current_epoch": 0,
+            "inference_allowed_mirroring_axes": list(mirror_axes) if mirror_axes is not None else None}
+    torch.save(ckpt, folder / "fold_0" / CHECKPOINT)
+    if extra:
+        (folder / "bench.json").write_text(json.dumps(extra, indent=1))
+    return folder
+
+
+def phantom_foundation_dir(recipe: dict = PHANTOM_RECIPE) -> Path:
+    return subdir("foundations") / recipe["name"]
+
+
+def get_phantom_foundation(log=print, recipe: dict = PHANTOM_RECIPE, device: str = "auto",
+                           rebuild: bool = False) -> Foundation:
+    folder = phantom_foundation_dir(recipe)
+    if rebuild and folder.exists():
+        shutil.rmtree(folder)
+    if not (folder / "bench.json").is_file():
+        build_phantom_foundation(folder, recipe, log=log, device=device)
+    return load_foundation(folder)
+
+
+def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto") -> Path:
+    """Pretrain the tiny foundation on the phantom source domain from a seeded random init."""
+    from bench.datasets.phantom import PhantomSource
+    from bench.engine.network import tiny_plans
+    from bench.methods import get_method
+    from bench.runner import train_network
+
+    log(f"building foundation {recipe['name']} ({recipe['iterations']} iterations on phantom-source); "
+        "cached afterwards")
+    source = PhantomSource()
+    source.prepare()
+    plans = tiny_plans(source.folder_name, intensity=PHANTOM_INTENSITY)
+    dataset_json = json.loads((source.raw_dir() / "dataset.json").read_text())
+    ids = source.case_ids()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    outcome = train_network(dataset=source, plans=plans, dataset_json=dataset_json, configuration="3d_fullres",
+                            method=get_method("full"), init_state=None,
+                            train_ids=ids[:-4], val_ids=ids[-4:], out_dir=tmp / "training", recipe=recipe,
+                            device=device, log=log)
+    save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None,
+                      extra={"recipe": recipe, "pretrain_ids": ids[:-4], "val_ids": ids[-4:],
+                             "train_seconds": outcome.train_seconds})
+    shutil.rmtree(tmp / "training", ignore_errors=True)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    log(f"foundation saved to {folder}")
+    return folder

@@ -1,0 +1,250 @@
+"""Run one cell: (method, dataset, shots, repeat) -> fine-tune, predict, score, record.
+
+The pipeline is the same for every method: prepare data, load the foundation,
+transfer its plans, preprocess support + tuning cases, train with the one
+``BenchTrainer``, export stock nnU-Net weights, predict the evaluation cases
+with nnU-Net's predictor, compute per-case metrics, write ``result.json``
+(last, atomically: a killed run leaves no result) and log to MLflow.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+import bench
+from bench.home import configure_nnunet_env, subdir
+
+RESULT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class RunSpec:
+    method: str
+    dataset: str = "phantom"
+    shots: int = 3
+    repeat: int = 0
+    seed: int = 0
+    iterations: int = 60
+    lr: Optional[float] = None           # None: the method's recipe default, else DEFAULT_LR
+    optimizer: str = "adamw"
+    weight_decay: float = 3e-5
+    eval_every: int = 10
+    batch_size: Optional[int] = None     # None: the plans' batch size
+    hparams: Dict[str, Any] = field(default_factory=dict)
+    foundation: Optional[str] = None     # None: the phantom foundation (built on first use)
+    protocol_version: Optional[str] = None
+    device: str = "auto"
+    evaluate_on: str = "test"            # "tune" for hyper-parameter search: test cases never touched
+    params_source: str = "default"       # "default" or the Optuna study that produced hparams
+
+    def resolved_lr(self, method) -> float:
+        if self.lr is not None:
+            return self.lr
+        return float(method.spec_overrides.get("lr", DEFAULT_LR))
+
+    def run_id(self) -> str:
+        key = {k: v for k, v in asdict(self).items() if k not in ("device",)}
+        key["code_version"] = bench.__version__
+        return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+DEFAULT_LR = 3e-3
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainOutcome:
+    export_state: Dict[str, torch.Tensor]
+    arch_override: Optional[dict]
+    train_seconds: float
+    step_times: List[float]
+    peak_memory_mb: float
+    trainable: int
+    total: int
+    changed: int
+    load_report: Dict[str, List[str]]
+    epoch_scores: List[Dict[str, float]]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+
+
+def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> int:
+    return int(sum((before[k] != after[k].to(before[k].device)).sum().item()
+                   for k in before if k in after and before[k].shape == after[k].shape
+                   and before[k].is_floating_point()))
+
+
+def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
+                  out_dir: Path, recipe: dict, device="auto", seed: Optional[int] = None,
+                  log: Callable = print, epoch_callback=None) -> TrainOutcome:
+    """Preprocess (plan transfer), train with BenchTrainer, export stock weights."""
+    from bench.engine.preprocess import preprocess
+    from bench.engine.trainer import BenchTrainer
+    from bench.methods.base import MethodContext
+
+    configure_nnunet_env()
+    dev = resolve_device(device) if isinstance(device, str) else device
+    seed = recipe.get("seed", 0) if seed is None else seed
+    seed_everything(seed)
+    base = preprocess(dataset, plans, dataset_json, configuration, list(dict.fromkeys(train_ids + val_ids)), log=log)
+    plans_for_trainer = json.loads(json.dumps(plans))
+    plans_for_trainer["continue_training"] = False
+    trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
+    ctx = MethodContext(foundation_state=init_state or {}, device=dev, seed=seed)
+    trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
+                  preprocessed_base=str(base), output_folder=str(out_dir), iterations=int(recipe["iterations"]),
+                  eval_every=int(recipe.get("eval_every", 10)), lr=float(recipe["lr"]),
+                  weight_decay=float(recipe.get("weight_decay", 3e-5)), optimizer=recipe.get("optimizer", "adamw"),
+                  batch_size=recipe.get("batch_size"), progress=log)
+    scores: List[Dict[str, float]] = []
+
+    def _on_epoch(epoch, s):
+        scores.append(s)
+        if epoch_callback:
+            epoch_callback(epoch, s)
+    trainer.epoch_callback = _on_epoch
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    trainer.initialize()
+    net = trainer.network
+    before = {k: v.detach().clone() for k, v in method.export(net)[0].items()}
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if trainer.load_report:
+        rep = trainer.load_report
+        heads = "loaded (label set matches)" if not rep["reinitialised"] else \
+            "re-initialised: " + ", ".join(rep["reinitialised"])
+        log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
+    t0 = time.perf_counter()
+    trainer.run_training()
+    train_seconds = time.perf_counter() - t0
+    export_state, arch_override = method.export(trainer.network)
+    changed = count_changed(before, export_state) if arch_override is None else \
+        count_changed({k: v for k, v in before.items() if k in export_state}, export_state)
+    total = sum(v.numel() for k, v in before.items() if v.is_floating_point())
+    return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times, peak_memory_mb(dev),
+                        int(trainable), int(total), changed, trainer.load_report, scores)
+
+
+def versions() -> Dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version(), "bench": bench.__version__}
+    for pkg in ("torch", "nnunetv2", "peft", "monai", "numpy", "optuna", "mlflow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_dir(spec: RunSpec) -> Path:
+    return subdir("runs", spec.dataset, spec.method, f"shots{spec.shots}", f"repeat{spec.repeat}", spec.run_id())
+
+
+def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None,
+        epoch_callback=None, parent_run_id: Optional[str] = None) -> dict:
+    from bench.datasets import get_dataset
+    from bench.engine.predict import make_predictor, predict_case
+    from bench.engine.preprocess import transfer_plans
+    from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder
+    from bench.methods import get_method
+    from bench.metrics import case_metrics
+    from bench.protocols import Protocol
+    import SimpleITK as sitk
+
+    configure_nnunet_env()
+    method = get_method(spec.method, **spec.hparams)
+    dataset = get_dataset(spec.dataset)
+    if not dataset.is_prepared():
+        if dataset.needs_source:
+            raise FileNotFoundError(f"dataset {spec.dataset} is not prepared; run "
+                                    f"`bench datasets prepare {spec.dataset} --source DIR` first")
+        dataset.prepare()
+    protocol = Protocol.load(spec.dataset, spec.protocol_version)
+    protocol.check(dataset.case_ids())
+    split = protocol.split(spec.shots, spec.repeat)
+    eval_ids = split.tune if spec.evaluate_on == "tune" else split.test
+    if spec.evaluate_on == "tune":
+        assert not set(eval_ids) & set(split.test), "tuning must never evaluate on test cases"
+
+    dev = resolve_device(spec.device)
+    foundation = load_foundation(spec.foundation) if spec.foundation else get_phantom_foundation(log=log, device=spec.device)
+    plans = transfer_plans(foundation.plans, dataset.folder_name)
+    dataset_json = json.loads((dataset.raw_dir() / "dataset.json").read_text())
+    out = run_dir(spec)
+    lr = spec.resolved_lr(method)
+    recipe = {"iterations": spec.iterations, "lr": lr, "optimizer": spec.optimizer,
+              "weight_decay": spec.weight_decay, "eval_every": spec.eval_every, "batch_size": spec.batch_size}
+    log(f"{spec.method}: {spec.dataset} {spec.shots}-shot repeat {spec.repeat} (protocol {protocol.version}); "
+        f"support {', '.join(split.support)}; foundation {foundation.name}; device {dev.type}; "
+        f"{spec.iterations} iterations, lr {lr:g}, {spec.optimizer}")
+    init_state = foundation.state_dict if method.uses_foundation else None
+    outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
+                            configuration=foundation.configuration, method=method,
+                            init_state=init_state, train_ids=split.support, val_ids=split.tune or split.support,
+                            out_dir=out / "training", recipe=recipe, device=dev, seed=spec.seed, log=log,
+                            epoch_callback=epoch_callback)
+    export_plans = plans
+    if outcome.arch_override:
+        export_plans = json.loads(json.dumps(plans))
+        export_plans["configurations"][foundation.configuration]["architecture"].update(outcome.arch_override)
+    model_dir = save_model_folder(out / "model", export_plans, dataset_json, foundation.configuration,
+                                  outcome.export_state, foundation.mirror_axes)
+
+    predictor = make_predictor(export_plans, dataset_json, foundation.configuration, outcome.export_state, dev)
+    cases = []
+    log(f"predicting {len(eval_ids)} {spec.evaluate_on} case(s) with nnU-Net's predictor")
+    for cid in eval_ids:
+        seg, spacing = predict_case(predictor, dataset.image_files(cid))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(dataset.label_file(cid)))
+        cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing)})
+
+    summary = {f"{k}_mean": float(np.mean([c[k] for c in cases])) for k in cases[0] if k != "case_id"}
+    summary["dice_median"] = float(np.median([c["dice"] for c in cases]))
+    result = {
+        "schema_version": RESULT_SCHEMA_VERSION, "run_id": spec.run_id(), "code_version": bench.__version__,
+        "spec": {**asdict(spec), "lr": lr, "hparams": method.hp, "foundation": foundation.name,
+                 "protocol_version": protocol.version, "device": dev.type},
+        "support": split.support, "tune": split.tune, "evaluated": spec.evaluate_on,
+        "test": eval_ids if spec.evaluate_on == "test" else [],
+        "versions": versions(),
+        "cost": {"train_seconds": outcome.train_seconds,
+                 "step_seconds_median": float(np.median(outcome.step_times)) if outcome.step_times else None,
+                 "peak_memory_mb": outcome.peak_memory_mb, "device": dev.type},
+        "params": {"total": outcome.total, "trainable": outcome.trainable, "changed": outcome.changed},
+        "foundation_load": {k: len(v) for k, v in outcome.load_report.items()},
+        "epochs": outcome.epoch_scores, "summary": summary, "cases": cases, "model_dir": str(model_dir),
+    }
+    from bench.tracking import log_result
+    result["mlflow_run_id"] = log_result(result, out, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "result.json")
+    return result
