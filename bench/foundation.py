@@ -22,7 +22,7 @@ from bench.home import subdir
 CHECKPOINT = "checkpoint_final.pth"
 
 # The recipe of the phantom foundation. Changing it changes the model: bump the name.
-PHANTOM_RECIPE = {"name": "phantom-v1", "iterations": 150, "lr": 3e-3, "optimizer": "adamw",
+PHANTOM_RECIPE = {"name": "phantom-v1", "iterations": 200, "lr": 1e-2, "optimizer": "adamw",
                   "weight_decay": 3e-5, "seed": 0, "eval_every": 50}
 # Intensity statistics for CT normalisation, measured on the source phantom's body voxels
 # (nnU-Net would use label voxels only, which for small nodes would clip away all anatomy).

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -96,10 +97,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
+def unaliased(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop nnU-Net's aliased keys: ConvDropoutNormReLU registers its conv and norm twice
+    (``.conv``/``.norm`` and ``.all_modules.<i>``); counting both would double the numbers."""
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"(.*)\.all_modules\.(\d+)\.(.*)", k)
+        if m and any(f"{m.group(1)}.{alias}.{m.group(3)}" in state for alias in ("conv", "norm")):
+            continue
+        if v.is_floating_point():
+            out[k] = v
+    return out
+
+
 def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> int:
-    return int(sum((before[k] != after[k].to(before[k].device)).sum().item()
-                   for k in before if k in after and before[k].shape == after[k].shape
-                   and before[k].is_floating_point()))
+    """Entries that differ between two exports (keys present in both)."""
+    return int(sum((v != after[k].to(v.device)).sum().item()
+                   for k, v in unaliased(before).items() if k in after and after[k].shape == v.shape))
 
 
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
@@ -146,9 +160,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     trainer.run_training()
     train_seconds = time.perf_counter() - t0
     export_state, arch_override = method.export(trainer.network)
-    changed = count_changed(before, export_state) if arch_override is None else \
-        count_changed({k: v for k, v in before.items() if k in export_state}, export_state)
-    total = sum(v.numel() for k, v in before.items() if v.is_floating_point())
+    changed = count_changed(before, export_state)
+    total = sum(v.numel() for v in unaliased(before).values())
     return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times, peak_memory_mb(dev),
                         int(trainable), int(total), changed, trainer.load_report, scores)
 

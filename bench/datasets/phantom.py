@@ -45,10 +45,10 @@ class Domain:
 
 
 SOURCE = Domain("source", (32, 64, 64), (3.0, 1.5, 1.5), noise_hu=10.0, hu_scale=1.0, hu_offset=0.0,
-                vessel_hu=190.0, node_hu=95.0, node_radius_mm=(3.0, 6.0), necrotic_fraction=0.0,
+                vessel_hu=190.0, node_hu=95.0, node_radius_mm=(5.0, 8.0), necrotic_fraction=0.0,
                 seed_offset=0)
 TARGET = Domain("target", (38, 80, 80), (2.5, 1.2, 1.2), noise_hu=22.0, hu_scale=1.08, hu_offset=25.0,
-                vessel_hu=150.0, node_hu=72.0, node_radius_mm=(4.0, 8.0), necrotic_fraction=0.4,
+                vessel_hu=150.0, node_hu=72.0, node_radius_mm=(6.0, 10.0), necrotic_fraction=0.4,
                 seed_offset=100_000)
 
 

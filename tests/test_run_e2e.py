@@ -1,0 +1,50 @@
+"""A short `bench run` end to end in a temporary $BENCH_HOME."""
+import json
+
+import mlflow
+import pandas as pd
+
+from bench.cli import main
+from bench.foundation import load_foundation
+from bench.protocols import Protocol
+
+
+def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, capsys):
+    rc = main(["run", "--method", "dgst", "--shots", "1", "--iterations", "2", "--eval-every", "2",
+               "--foundation", str(tiny_foundation), "--device", "cpu"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    test_ids = Protocol.load("phantom").test
+    for cid in test_ids:
+        assert cid in out  # the per-case table is printed
+
+    results = list((bench_home / "runs").rglob("result.json"))
+    assert len(results) == 1
+    result = json.loads(results[0].read_text())
+    assert result["schema_version"] == 1
+    assert [c["case_id"] for c in result["cases"]] == test_ids
+    for c in result["cases"]:
+        assert 0.0 <= c["dice"] <= 1.0 and c["hd95"] >= 0
+    assert result["spec"]["protocol_version"] == "v1" and result["spec"]["method"] == "dgst"
+    assert 0 < result["params"]["changed"] <= result["params"]["trainable"] <= result["params"]["total"]
+    assert result["cost"]["train_seconds"] > 0 and result["cost"]["peak_memory_mb"] > 0
+    assert not set(result["support"]) & set(test_ids)
+
+    # the exported model folder is a stock nnU-Net trained-model folder
+    exported = load_foundation(result["model_dir"])
+    assert set(exported.state_dict) == set(load_foundation(tiny_foundation).state_dict)
+
+    mlflow.set_tracking_uri(f"sqlite:///{bench_home / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["lnbench"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["params.method"] == "dgst" and run["params.shots"] == "1"
+    assert abs(run["metrics.dice_mean"] - result["summary"]["dice_mean"]) < 1e-9
+    local = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path="cases.csv")
+    assert list(pd.read_csv(local)["case_id"]) == test_ids
+
+
+def test_unknown_method_lists_valid_names(bench_home, capsys):
+    assert main(["run", "--method", "dgts"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'dgst'" in err.lower() and "full" in err
