@@ -1,0 +1,59 @@
+"""``bench sweep``: the full grid on local processes, Ray or SLURM (submitit); resumable."""
+from __future__ import annotations
+
+
+def _csv(text, cast=str):
+    return [cast(t) for t in str(text).split(",") if t]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sweep", help="run the grid methods x datasets x shots x repeats (resumable)",
+                       description="Each cell (method, dataset, shots, repeat) is one job. Finished cells are "
+                                   "skipped; killed or failed ones are redone on the next invocation.")
+    p.add_argument("--file", default=None, help="sweep file (JSON) with the same keys; flags override it")
+    p.add_argument("--methods", default=None, help="comma list (default dgst,full)")
+    p.add_argument("--datasets", default=None, help="comma list (default phantom)")
+    p.add_argument("--shots", default=None, help="comma list (default 1,3,5)")
+    p.add_argument("--repeats", type=int, default=None, help="repeats 0..N-1 per cell (default 5)")
+    p.add_argument("--iterations", type=int, default=None, help="training iterations per cell (default 60)")
+    p.add_argument("--tune-trials", type=int, default=None, help="tune each cell first with this many trials")
+    p.add_argument("--executor", choices=["local", "ray", "slurm"], default=None)
+    p.add_argument("--workers", type=int, default=None, help="parallel cells (local: one per GPU if any)")
+    p.add_argument("--foundation", default=None)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--force", action="store_true", help="recompute finished cells")
+    p.add_argument("--dry-run", action="store_true", help="list cells and estimate their cost; run nothing")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from bench.methods import METHODS
+    from bench.datasets import DATASETS
+    from bench.sweep import cell_key, estimate_seconds, grid, is_done, load_sweep_file, sweep
+
+    cfg = load_sweep_file(args.file) if args.file else {}
+    pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else cfg.get(name, default)
+    methods = _csv(pick("methods", "dgst,full")) if isinstance(pick("methods", ""), str) else cfg["methods"]
+    datasets = _csv(pick("datasets", "phantom")) if isinstance(pick("datasets", ""), str) else cfg["datasets"]
+    shots = pick("shots", "1,3,5")
+    shots = _csv(shots, int) if isinstance(shots, str) else [int(s) for s in shots]
+    for m in methods:
+        METHODS.get(m)
+    for d in datasets:
+        DATASETS.get(d)
+    specs = grid(methods, datasets, shots, range(int(pick("repeats", 5))), iterations=int(pick("iterations", 60)),
+                 foundation=pick("foundation", None), device=args.device)
+    trials = int(pick("tune_trials", 0))
+    if args.dry_run:
+        est = estimate_seconds(specs, trials)
+        for s in specs:
+            print(f"{cell_key(s):<40} {'done' if is_done(s) else 'todo':<5} ~{est[cell_key(s)]:.0f} s")
+        todo = sum(v for s in specs if not is_done(s) for k, v in est.items() if k == cell_key(s))
+        print(f"{len(specs)} cells; remaining cost ~{todo / 3600:.2f} device-hours")
+        return 0
+    slurm = {"slurm_partition": args.slurm_partition} if args.slurm_partition else None
+    outcomes = sweep(specs, executor=pick("executor", "local"), workers=int(pick("workers", 1)), force=args.force,
+                     tracking_uri=args.tracking_uri, tune_trials=trials, slurm=slurm)
+    return 1 if any(o.status == "failed" for o in outcomes) else 0

@@ -1,0 +1,231 @@
+"""Sweeps: the grid (methods x datasets x shots x repeats) as independent cells on an
+existing engine: local processes (one per GPU when there are GPUs), Ray, or SLURM
+through submitit. No scheduler of our own.
+
+Idempotent: a cell whose ``result.json`` exists (same spec and code version, see
+``RunSpec.run_id``) is skipped unless ``force``. ``result.json`` is written last,
+atomically, after the MLflow run finished: a killed cell leaves no result and is
+redone by the next sweep. A failing cell never stops the others.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from bench.runner import RunSpec, run_dir
+
+EXECUTORS = ("local", "ray", "slurm")
+DEFAULT_STEP_SECONDS = 0.45   # CPU, phantom foundation (DESIGN.md section 9); used when nothing was measured
+CELL_OVERHEAD_SECONDS = 20.0  # preprocessing, prediction of the test cases, tracking
+
+
+@dataclass
+class CellOutcome:
+    key: str
+    status: str            # done | skipped | failed
+    seconds: float = 0.0
+    dice_mean: Optional[float] = None
+    error: str = ""
+
+
+def grid(methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int], repeats: Sequence[int],
+         **spec_fields) -> List[RunSpec]:
+    return [RunSpec(method=m, dataset=d, shots=k, repeat=r, **spec_fields)
+            for d, k, m, r in itertools.product(datasets, shots, methods, repeats)]
+
+
+def cell_key(spec: RunSpec) -> str:
+    return f"{spec.method}/{spec.dataset}/{spec.shots}shot/r{spec.repeat}"
+
+
+def is_done(spec: RunSpec) -> bool:
+    return (run_dir(spec) / "result.json").is_file()
+
+
+def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0) -> dict:
+    """Executed by a worker (process, Ray task or SLURM job): never raises."""
+    from bench.home import configure_nnunet_env
+    configure_nnunet_env()
+    spec = RunSpec(**spec_dict)
+    t0 = time.time()
+    log_path = run_dir(spec) / "cell.log"
+    try:
+        with open(log_path, "a") as logf:
+            def log(msg):
+                logf.write(f"{msg}\n")
+                logf.flush()
+            if tune_trials:
+                from bench.tuning import load_tuned, tune
+                tune(spec.method, spec.dataset, spec.shots, trials=tune_trials, foundation=spec.foundation,
+                     iterations=spec.iterations, device=spec.device, tracking_uri=tracking_uri, log=log)
+                tuned = load_tuned(spec.method, spec.dataset, spec.shots)
+                spec = RunSpec(**{**asdict(spec), **tuned.spec_overrides(explicit={})})
+            from bench.runner import run
+            result = run(spec, log=log, tracking_uri=tracking_uri)
+        return asdict(CellOutcome(cell_key(spec), "done", time.time() - t0, result["summary"]["dice_mean"]))
+    except BaseException as e:  # noqa: BLE001 - a cell's failure is data for the summary
+        return asdict(CellOutcome(cell_key(spec), "failed", time.time() - t0,
+                                  error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+
+
+def estimate_seconds(specs: Iterable[RunSpec], tune_trials: int = 0) -> Dict[str, float]:
+    """Dry-run cost: iterations x measured median step time per method (from earlier results), else default."""
+    from bench.home import bench_home
+    measured: Dict[str, List[float]] = {}
+    for path in (bench_home() / "runs").rglob("result.json"):
+        r = json.loads(path.read_text())
+        if r.get("cost", {}).get("step_seconds_median"):
+            measured.setdefault(r["spec"]["method"], []).append(r["cost"]["step_seconds_median"])
+    out = {}
+    for s in specs:
+        step = sorted(measured[s.method])[len(measured[s.method]) // 2] if s.method in measured \
+            else DEFAULT_STEP_SECONDS
+        out[cell_key(s)] = (1 + tune_trials) * (s.iterations * step + CELL_OVERHEAD_SECONDS)
+    return out
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count()
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def _pin_gpu(queue) -> None:
+    """Local-executor worker initializer: one GPU per worker process."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+
+
+def _submit_local(todo, tracking_uri, workers, tune_trials):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    ctx = mp.get_context("spawn")  # nnU-Net and CUDA need spawn, not fork
+    gpus = _gpu_count()
+    kwargs = {}
+    if gpus:
+        workers = min(workers, gpus)
+        q = ctx.Manager().Queue()
+        for i in range(workers):
+            q.put(i)
+        kwargs = {"initializer": _pin_gpu, "initargs": (q,)}
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **kwargs)
+    futures = {pool.submit(run_cell, asdict(s), tracking_uri, tune_trials): s for s in todo}
+    from concurrent.futures import as_completed
+    for fut in as_completed(futures):
+        try:
+            yield fut.result()
+        except Exception as e:  # the worker process itself died (killed, OOM)
+            yield asdict(CellOutcome(cell_key(futures[fut]), "failed", error=f"worker died: {e!r}"))
+    pool.shutdown()
+
+
+def _submit_ray(todo, tracking_uri, workers, tune_trials):
+    import ray
+    if not ray.is_initialized():
+        # RAY_ADDRESS (or `ray start`) selects a cluster; otherwise a local one is started.
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else workers,
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k.startswith(("BENCH_", "nnUNet_"))}})
+    remote = ray.remote(num_gpus=1 if _gpu_count() else 0, max_retries=0)(run_cell)
+    pending = {remote.remote(asdict(s), tracking_uri, tune_trials): s for s in todo}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            spec = pending.pop(ref)
+            try:
+                yield ray.get(ref)
+            except Exception as e:
+                yield asdict(CellOutcome(cell_key(spec), "failed", error=f"ray task failed: {e!r}"))
+
+
+def _submit_slurm(todo, tracking_uri, workers, tune_trials, slurm: Optional[dict] = None):
+    import submitit
+    from bench.home import subdir
+    slurm = dict(slurm or {})
+    cluster = slurm.pop("cluster", None)  # "local" runs the same jobs as local processes (tests)
+    executor = submitit.AutoExecutor(folder=str(subdir("sweeps", "submitit")), cluster=cluster)
+    params = {"timeout_min": slurm.pop("timeout_min", 240)}
+    if cluster != "local":
+        params.update(gpus_per_node=slurm.pop("gpus_per_node", 1), slurm_array_parallelism=workers)
+    executor.update_parameters(**params, **slurm)
+    jobs = [(executor.submit(run_cell, asdict(s), tracking_uri, tune_trials), s) for s in todo]
+    for job, spec in jobs:
+        try:
+            yield job.result()
+        except Exception as e:
+            yield asdict(CellOutcome(cell_key(spec), "failed", error=f"job {job.job_id} failed: {e!r}"))
+
+
+def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force: bool = False,
+          tracking_uri: Optional[str] = None, tune_trials: int = 0, log: Callable = print,
+          slurm: Optional[dict] = None) -> List[CellOutcome]:
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    outcomes = [CellOutcome(cell_key(s), "skipped") for s in specs if is_done(s) and not force]
+    todo = [s for s in specs if force or not is_done(s)]
+    for s in todo:
+        run_dir(s)  # create the folders up front (cell.log lives there)
+    estimate = estimate_seconds(todo, tune_trials)
+    log(f"sweep: {len(specs)} cells, {len(outcomes)} already done, {len(todo)} to run on {executor} "
+        f"with {workers} worker(s); estimated {sum(estimate.values()) / max(workers, 1) / 60:.1f} min")
+    submit = {"local": _submit_local, "ray": _submit_ray, "slurm": _submit_slurm}[executor]
+    extra = {"slurm": slurm} if executor == "slurm" else {}
+    t0 = time.time()
+    done_s = []
+    for i, out in enumerate(submit(todo, tracking_uri, workers, tune_trials, **extra), 1):
+        outcome = CellOutcome(**out)
+        outcomes.append(outcome)
+        done_s.append(outcome.seconds)
+        remaining = len(todo) - i
+        eta = remaining * (sum(done_s) / len(done_s)) / max(workers, 1)
+        failed = sum(o.status == "failed" for o in outcomes)
+        score = f"Dice {outcome.dice_mean:.3f}" if outcome.dice_mean is not None else outcome.error.splitlines()[0]
+        log(f"[{i}/{len(todo)} done, {min(workers, remaining)} running, {failed} failed, "
+            f"ETA {eta / 60:.1f} min] {outcome.key}: {outcome.status} in {outcome.seconds:.0f} s; {score}")
+    wall = time.time() - t0
+    ran = [o for o in outcomes if o.status != "skipped"]
+    log(f"sweep finished in {wall:.0f} s wall; {sum(o.seconds for o in ran):.0f} device-seconds in cells "
+        f"({'GPU' if _gpu_count() else 'CPU'}); done {sum(o.status == 'done' for o in ran)}, "
+        f"skipped {len(outcomes) - len(ran)}, failed {sum(o.status == 'failed' for o in ran)}")
+    for o in ran:
+        if o.status == "failed":
+            log(f"  FAILED {o.key}: {o.error}")
+    _write_summary(outcomes, wall, executor, workers, tracking_uri)
+    return outcomes
+
+
+def _write_summary(outcomes, wall, executor, workers, tracking_uri) -> Path:
+    from bench.home import subdir
+    path = subdir("sweeps") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    summary = {"wall_seconds": wall, "executor": executor, "workers": workers,
+               "cell_seconds_total": sum(o.seconds for o in outcomes),
+               "cells": [asdict(o) for o in outcomes]}
+    path.write_text(json.dumps(summary, indent=1))
+    try:
+        from bench.tracking import _mlflow
+        mlflow = _mlflow(tracking_uri)
+        with mlflow.start_run(run_name=path.stem, tags={"kind": "sweep"}):
+            mlflow.log_metrics({"wall_seconds": wall, "cell_seconds_total": summary["cell_seconds_total"],
+                                "cells_failed": sum(o.status == "failed" for o in outcomes)})
+            mlflow.log_artifact(str(path))
+    except Exception as e:  # the summary file is the record; tracking is best effort here
+        print(f"note: sweep summary not logged to MLflow ({e})")
+    return path
+
+
+def load_sweep_file(path: Path) -> dict:
+    """A committed sweep file: {"methods": [...], "datasets": [...], "shots": [...], "repeats": N, ...}."""
+    data = json.loads(Path(path).read_text())
+    unknown = set(data) - {"methods", "datasets", "shots", "repeats", "iterations", "tune_trials", "executor",
+                           "workers", "foundation", "seed", "eval_every"}
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+    return data
