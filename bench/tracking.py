@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from bench.home import default_tracking_uri
+from bench.home import bench_home, default_tracking_uri
 
 EXPERIMENT = "lnbench"
 
@@ -20,7 +20,14 @@ def _mlflow(tracking_uri: Optional[str]):
     import mlflow
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None and uri.startswith("sqlite:"):
+        # with a local store, keep artefacts in $BENCH_HOME too (MLflow's default is ./mlruns of the cwd)
+        try:
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(bench_home() / "mlartifacts").as_uri())
+        except Exception:  # created concurrently by another process
+            pass
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 

@@ -1,0 +1,34 @@
+"""``bench leaderboard``: regenerate ``leaderboards/`` from tracked results, never by hand."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("leaderboard", help="regenerate the leaderboards (markdown, csv, png)",
+                       description="Collect result.json files into the results snapshot CSV, then render "
+                                   "one leaderboard per dataset from that snapshot. With --from-snapshot, "
+                                   "render from the committed snapshot only: regenerating what is committed "
+                                   "gives no diff.")
+    p.add_argument("--results", nargs="+", default=None, metavar="DIR_OR_CSV",
+                   help="result directories, result.json files or CSVs (default: $BENCH_HOME/runs)")
+    p.add_argument("--snapshot", default="leaderboards/results.csv", help="results snapshot CSV")
+    p.add_argument("--out", default="leaderboards", help="output directory (default: leaderboards)")
+    p.add_argument("--from-snapshot", action="store_true",
+                   help="render from --snapshot without collecting results")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from bench.home import bench_home
+    from bench.leaderboard import write_leaderboards
+    from bench.results import load_results, read_snapshot, write_snapshot
+
+    if not args.from_snapshot:
+        sources = args.results or [bench_home() / "runs"]
+        df = load_results(sources)
+        if df.empty:
+            raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; "
+                             "run `bench run` first, or use --from-snapshot")
+        print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
+    for path in write_leaderboards(read_snapshot(args.snapshot), args.out):
+        print(f"wrote {path}")
+    return 0

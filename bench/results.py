@@ -1,0 +1,162 @@
+"""Collect per-run ``result.json`` files into one long table (one row per test case).
+
+Sources are directories (searched recursively for ``result.json``), single
+``.json`` result files, or ``.csv`` snapshots written by ``write_snapshot``.
+Results evaluated on the tuning split (``"evaluated": "tune"``) are skipped:
+only test-set results are compared. One cell is (dataset, method, shots,
+repeat); when several sources hold the same cell, the newest file (by
+modification time) wins and a warning names the files involved.
+
+The snapshot CSV is the committed, deterministic form of that table: rows
+sorted by cell and case, a fixed column order and fixed float formatting, so
+that the same results always give the same bytes.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, List, Union
+
+import numpy as np
+import pandas as pd
+
+from bench.metrics import METRICS
+
+SCHEMA_VERSIONS = (1,)
+CELL = ["dataset", "method", "shots", "repeat"]
+KEY = CELL + ["case_id"]
+COLUMNS = KEY + ["run_id", "protocol_version", *METRICS,
+                 "trainable_params", "changed_params", "train_seconds", "peak_memory_mb", "device"]
+STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "device"]
+INT_COLUMNS = ["shots", "repeat", "lesion_tp", "lesion_fp", "lesion_fn"]
+COUNT_COLUMNS = ["trainable_params", "changed_params"]  # integers that a run may leave empty
+FLOAT_FORMAT = "%.6g"
+
+Source = Union[str, Path]
+
+
+def load_results(paths_or_dirs: Union[Source, Iterable[Source]]) -> pd.DataFrame:
+    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``."""
+    if isinstance(paths_or_dirs, (str, Path)):
+        paths_or_dirs = [paths_or_dirs]
+    candidates = defaultdict(list)  # cell key -> [(mtime, file, rows), ...]
+    for file in _expand(paths_or_dirs):
+        table = read_snapshot(file) if file.suffix == ".csv" else _read_result(file)
+        if table is None:
+            continue
+        mtime = file.stat().st_mtime
+        for key, rows in table.groupby(CELL, sort=False):
+            candidates[key].append((mtime, str(file), rows))
+    kept = []
+    for key, cands in candidates.items():
+        *older, newest = sorted(cands, key=lambda c: c[:2])
+        if older:
+            warnings.warn(f"{len(cands)} results for {dict(zip(CELL, key))}: keeping the newest, {newest[1]}; "
+                          f"ignoring {', '.join(c[1] for c in older)}", stacklevel=2)
+        kept.append(newest[2])
+    if not kept:
+        return _typed(pd.DataFrame(columns=COLUMNS))
+    return _typed(pd.concat(kept, ignore_index=True)).sort_values(KEY, ignore_index=True)
+
+
+def _expand(sources: Iterable[Source]) -> List[Path]:
+    files = []
+    for src in sources:
+        src = Path(src)
+        if src.is_dir():
+            files += sorted(src.rglob("result.json"))
+        elif src.is_file():
+            files.append(src)
+        else:
+            raise FileNotFoundError(f"no results at {src} (expected a directory, a result.json "
+                                    "or a snapshot .csv)")
+    return files
+
+
+def _read_result(file: Path):
+    """Rows of one ``result.json`` as a DataFrame, or None for a tuning-split result."""
+    try:
+        res = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    version = res.get("schema_version")
+    if version not in SCHEMA_VERSIONS:
+        raise ValueError(f"{file}: unknown result schema_version {version!r} (this bench reads "
+                         f"{', '.join(map(str, SCHEMA_VERSIONS))}); upgrade bench or re-run the cell")
+    try:
+        spec, cost, params = res["spec"], res["cost"], res["params"]
+        if res.get("evaluated", spec.get("evaluate_on", "test")) != "test":
+            return None
+        run = {"dataset": spec["dataset"], "method": spec["method"], "shots": spec["shots"],
+               "repeat": spec["repeat"], "run_id": res["run_id"], "protocol_version": spec["protocol_version"],
+               "trainable_params": params["trainable"], "changed_params": params["changed"],
+               "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
+               "device": cost.get("device", spec.get("device"))}
+        rows = [{**run, "case_id": c["case_id"], **{m: c[m] for m in METRICS}} for c in res["cases"]]
+    except KeyError as e:
+        raise ValueError(f"{file}: result is missing the field {e}") from None
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[COLUMNS].copy()
+    for c in COLUMNS:
+        if c in STRING_COLUMNS:
+            df[c] = df[c].astype(str)
+        elif c in INT_COLUMNS:
+            df[c] = df[c].astype("int64")
+        elif c in COUNT_COLUMNS:
+            df[c] = df[c].astype("Int64")
+        else:
+            df[c] = df[c].astype("float64")
+    return df
+
+
+def write_snapshot(df: pd.DataFrame, path: Source) -> Path:
+    """Write the table as a deterministic CSV (sorted rows, fixed columns and float format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = _typed(df).sort_values(KEY, ignore_index=True)
+    df.to_csv(path, index=False, float_format=FLOAT_FORMAT, na_rep="nan", lineterminator="\n")
+    return path
+
+
+def read_snapshot(path: Source) -> pd.DataFrame:
+    path = Path(path)
+    # Strings stay strings (a case id "NA" is not a missing value); only "nan" is missing, in numbers.
+    df = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS}, keep_default_na=False,
+                     na_values={c: ["nan"] for c in COLUMNS if c not in STRING_COLUMNS})
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a results snapshot (missing columns {', '.join(missing)})")
+    return _typed(df).sort_values(KEY, ignore_index=True)
+
+
+def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int = 5,
+                      dataset: str = "phantom", noise: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """A made-up results table (mean Dice per method in ``effects``), for tests and for trying reports.
+
+    Dice = effect + 0.02 * shots + a shared case difficulty + per-run noise, clipped to [0, 1];
+    the other metrics are simple functions of Dice.
+    """
+    effects = effects or {"dgst": 0.80, "full": 0.70, "lora": 0.65}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s, r in itertools.product(shots, range(repeats)):
+        difficulty = rng.normal(0, 0.05, cases)
+        for method, effect in effects.items():
+            dice = np.clip(effect + 0.02 * s + difficulty + rng.normal(0, noise, cases), 0, 1)
+            for c, d in enumerate(dice):
+                rows.append({
+                    "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
+                    "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "dice": d, "hd95": 20 * (1 - d),
+                    "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "lesion_tp": 2, "lesion_fp": int(d < 0.7),
+                    "lesion_fn": int(d < 0.8), "lesion_precision": 1 / (1 + int(d < 0.7)),
+                    "lesion_recall": 2 / (2 + int(d < 0.8)), "lesion_f1": d, "vol_pred_ml": 2 * d,
+                    "vol_ref_ml": 2.0, "trainable_params": 1000 * (1 + len(method)),
+                    "changed_params": 900 * (1 + len(method)), "train_seconds": 30.0 + s,
+                    "peak_memory_mb": 800.0, "device": "cpu"})
+    return _typed(pd.DataFrame(rows)).sort_values(KEY, ignore_index=True)
