@@ -116,6 +116,17 @@ def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor
                    for k, v in unaliased(before).items() if k in after and after[k].shape == v.shape))
 
 
+def stop_data_loaders(trainer) -> None:
+    """Stop nnU-Net's background augmentation workers (what its on_train_end does), best effort."""
+    for loader in (getattr(trainer, "dataloader_train", None), getattr(trainer, "dataloader_val", None)):
+        finish = getattr(loader, "_finish", None)
+        if callable(finish):
+            try:
+                finish()
+            except Exception:  # noqa: BLE001 - cleanup must not mask the original exception
+                pass
+
+
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
                   out_dir: Path, recipe: dict, device="auto", seed: Optional[int] = None,
                   log: Callable = print, epoch_callback=None) -> TrainOutcome:
@@ -132,7 +143,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     plans_for_trainer = json.loads(json.dumps(plans))
     plans_for_trainer["continue_training"] = False
     trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
-    ctx = MethodContext(foundation_state=init_state or {}, device=dev, seed=seed)
+    ctx = MethodContext(foundation_state=init_state or {}, device=dev, seed=seed,
+                        extra={"architecture": plans["configurations"][configuration]["architecture"]})
     trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
                   preprocessed_base=str(base), output_folder=str(out_dir), iterations=int(recipe["iterations"]),
                   eval_every=int(recipe.get("eval_every", 10)), lr=float(recipe["lr"]),
@@ -157,7 +169,13 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
             "re-initialised: " + ", ".join(rep["reinitialised"])
         log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
     t0 = time.perf_counter()
-    trainer.run_training()
+    try:
+        trainer.run_training()
+    except BaseException:
+        # An exception out of the loop (e.g. optuna.TrialPruned raised by epoch_callback) skips
+        # nnU-Net's on_train_end, the only place that stops its augmentation worker processes.
+        stop_data_loaders(trainer)
+        raise
     train_seconds = time.perf_counter() - t0
     export_state, arch_override = method.export(trainer.network)
     changed = count_changed(before, export_state)

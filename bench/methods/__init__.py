@@ -15,6 +15,11 @@ def _load_all() -> None:
     # Import for the registration side effect; order is the display order's tiebreak only.
     from bench.methods import full  # noqa: F401
     from bench.methods import dgst  # noqa: F401  (dgst, dgst-random, dgst-static, dgst-released)
+    from bench.methods import partial  # noqa: F401  (linear-probe, decoder, bitfit, norm)
+    from bench.methods import lora  # noqa: F401
+    from bench.methods import adapter  # noqa: F401
+    from bench.methods import l2sp  # noqa: F401
+    from bench.methods import scratch  # noqa: F401
 
 
 def get_method(name: str, **hparams) -> Method:
