@@ -164,11 +164,27 @@ def _submit_slurm(todo, tracking_uri, workers, tune_trials, slurm: Optional[dict
             yield asdict(CellOutcome(cell_key(spec), "failed", error=f"job {job.job_id} failed: {e!r}"))
 
 
+def _prepare_shared_inputs(specs: List[RunSpec], log: Callable, tracking_uri: Optional[str]) -> None:
+    """Create the tracking store, generate embedded datasets and build the default foundation once,
+    before cells run in parallel, so workers never race to create the same things."""
+    from bench.datasets import get_dataset
+    from bench.foundation import get_phantom_foundation
+    from bench.tracking import _mlflow
+    _mlflow(tracking_uri)  # MLflow creates its SQLite schema on first use; two workers doing it collide
+    for name in sorted({s.dataset for s in specs}):
+        ds = get_dataset(name)
+        if not ds.is_prepared() and not ds.needs_source:
+            ds.prepare()
+    if any(s.foundation is None for s in specs):
+        get_phantom_foundation(log=log, device=specs[0].device)
+
+
 def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force: bool = False,
           tracking_uri: Optional[str] = None, tune_trials: int = 0, log: Callable = print,
           slurm: Optional[dict] = None) -> List[CellOutcome]:
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    _prepare_shared_inputs(specs, log, tracking_uri)
     outcomes = [CellOutcome(cell_key(s), "skipped") for s in specs if is_done(s) and not force]
     todo = [s for s in specs if force or not is_done(s)]
     for s in todo:

@@ -8,7 +8,7 @@ DATASETS: Registry = Registry("dataset")
 
 
 def _load_all() -> None:
-    from bench.datasets import phantom  # noqa: F401
+    from bench.datasets import lnq2023, phantom, segrap2023  # noqa: F401
 
 
 def get_dataset(name: str) -> Dataset:

@@ -61,7 +61,8 @@ class Dataset:
     def staging(self) -> Iterator[Path]:
         """Write into a temporary sibling folder; publish it (rename + marker) only on success."""
         final = self.raw_dir()
-        tmp = final.with_name(final.name + ".partial")
+        # per-process staging folder: concurrent preparations never write into each other
+        tmp = final.with_name(f"{final.name}.partial-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "imagesTr").mkdir(parents=True)

@@ -13,9 +13,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:  # typing only: importing bench.datasets loads every dataset module
+    from bench.datasets.base import Dataset
 
 PROTOCOL_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
@@ -93,19 +96,59 @@ class Protocol:
         return Split(self.dataset, self.version, shots, repeat, list(rep["support"][str(shots)]),
                      list(rep["tune"][str(shots)]), list(self.test))
 
+    def label_ids(self) -> List[str]:
+        """Cases whose labels a run reads (test, every support and tuning set): each needs a node."""
+        used = set(self.test)
+        for rep in self.data["repeats"]:
+            for k in self.shots:
+                used |= set(rep["support"][str(k)]) | set(rep["tune"][str(k)])
+        return sorted(used)
+
     def check(self, case_ids: Iterable[str]) -> None:
         """Every id the protocol names exists; test is disjoint from every support/tune set."""
         present = set(case_ids)
-        missing = sorted((set(self.test) | set(self.pool)) - present)
+        named = set(self.test) | set(self.pool)
+        missing = sorted(named - present)
         if missing:
-            raise ProtocolError(f"prepared {self.dataset} lacks cases named by protocol {self.version}: "
-                                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. "
-                                "Re-run `bench datasets prepare` on the complete release.")
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise ProtocolError(f"prepared {self.dataset} lacks {len(missing)} of the {len(named)} cases named by "
+                                f"protocol {self.version} ({self.path}): {', '.join(missing[:10])}{more}. Re-run "
+                                f"`bench datasets prepare {self.dataset} --source DIR` on the complete release; if "
+                                "your release names its cases differently, see the protocol's notes.")
         for rep in self.data["repeats"]:
             for k in self.shots:
                 s, t = set(rep["support"][str(k)]), set(rep["tune"][str(k)])
                 if (s | t) & set(self.test) or s & t:
                     raise ProtocolError(f"{self.path}: repeat {rep['repeat']} shots {k} overlaps test or itself")
+
+
+def check_prepared(dataset: Union[str, "Dataset"], protocol: Union[None, str, Protocol] = None) -> Protocol:
+    """Before training: the dataset is prepared, holds every case the protocol names, and every case
+    whose label a run reads has at least one lymph-node voxel. Returns the protocol."""
+    from bench.datasets import DatasetError, get_dataset
+    ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
+    if not isinstance(protocol, Protocol):
+        protocol = Protocol.load(ds.name, protocol)
+    if not ds.is_prepared():
+        how = " --source DIR" if ds.needs_source else ""
+        raise DatasetError(f"{ds.name} is not prepared (no complete {ds.raw_dir()}): run "
+                           f"`bench datasets prepare {ds.name}{how}`.")
+    protocol.check(ds.case_ids())
+    counts = getattr(ds, "foreground_counts", dict)()   # converters record counts; others: read labels
+    empty = [cid for cid in protocol.label_ids()
+             if (counts[cid] if cid in counts else _foreground_voxels(ds.label_file(cid))) == 0]
+    if empty:
+        raise DatasetError(f"{ds.name}: protocol {protocol.version} uses {', '.join(empty)} as test/support/tuning "
+                           f"case(s) but their labels in {ds.raw_dir() / 'labelsTr'} are empty. Re-prepare from "
+                           "the original release; if the release really has no nodes there, this protocol version "
+                           "cannot be used with it.")
+    return protocol
+
+
+def _foreground_voxels(label_file: str) -> int:
+    import SimpleITK as sitk
+    img = sitk.ReadImage(label_file)   # keep a reference: the array view does not own the buffer
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
 
 
 def available_versions(dataset: str) -> List[str]:
