@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import random
-import re
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -97,34 +96,20 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
-def unaliased(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop nnU-Net's aliased keys: ConvDropoutNormReLU registers its conv and norm twice
-    (``.conv``/``.norm`` and ``.all_modules.<i>``); counting both would double the numbers."""
-    out = {}
-    for k, v in state.items():
-        m = re.match(r"(.*)\.all_modules\.(\d+)\.(.*)", k)
-        if m and any(f"{m.group(1)}.{alias}.{m.group(3)}" in state for alias in ("conv", "norm")):
-            continue
-        if v.is_floating_point():
-            out[k] = v
-    return out
+def parameter_keys(plans: dict, dataset_json: dict, configuration: str, arch_override: Optional[dict]) -> List[str]:
+    """State-dict keys of the exported architecture, each parameter once. nnU-Net registers the same
+    tensors under several names (``.conv`` and ``.all_modules.0``; ``decoder.encoder.*``);
+    ``named_parameters`` de-duplicates them, a state dict does not."""
+    from bench.engine.network import build_network
+    plans = json.loads(json.dumps(plans))
+    if arch_override:
+        plans["configurations"][configuration]["architecture"].update(arch_override)
+    return [n for n, _ in build_network(plans, dataset_json, configuration).named_parameters()]
 
 
-def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> int:
-    """Entries that differ between two exports (keys present in both)."""
-    return int(sum((v != after[k].to(v.device)).sum().item()
-                   for k, v in unaliased(before).items() if k in after and after[k].shape == v.shape))
-
-
-def stop_data_loaders(trainer) -> None:
-    """Stop nnU-Net's background augmentation workers (what its on_train_end does), best effort."""
-    for loader in (getattr(trainer, "dataloader_train", None), getattr(trainer, "dataloader_val", None)):
-        finish = getattr(loader, "_finish", None)
-        if callable(finish):
-            try:
-                finish()
-            except Exception:  # noqa: BLE001 - cleanup must not mask the original exception
-                pass
+def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], keys: List[str]) -> int:
+    """Entries that differ between two exports, over ``keys``."""
+    return int(sum((before[k] != after[k].to(before[k].device)).sum().item() for k in keys))
 
 
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
@@ -161,7 +146,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         torch.cuda.reset_peak_memory_stats(dev)
     trainer.initialize()
     net = trainer.network
-    before = {k: v.detach().clone() for k, v in method.export(net)[0].items()}
+    before, override = method.export(net)
+    keys = parameter_keys(plans, dataset_json, configuration, override)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if trainer.load_report:
         rep = trainer.load_report
@@ -178,8 +164,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         raise
     train_seconds = time.perf_counter() - t0
     export_state, arch_override = method.export(trainer.network)
-    changed = count_changed(before, export_state)
-    total = sum(v.numel() for v in unaliased(before).values())
+    changed = count_changed(before, export_state, keys)
+    total = sum(before[k].numel() for k in keys)
     return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times, peak_memory_mb(dev),
                         int(trainable), int(total), changed, trainer.load_report, scores)
 
