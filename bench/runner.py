@@ -112,6 +112,17 @@ def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor
     return int(sum((before[k] != after[k].to(before[k].device)).sum().item() for k in keys))
 
 
+def stop_data_loaders(trainer) -> None:
+    """Stop nnU-Net's background augmentation workers (what its on_train_end does), best effort."""
+    for loader in (getattr(trainer, "dataloader_train", None), getattr(trainer, "dataloader_val", None)):
+        finish = getattr(loader, "_finish", None)
+        if callable(finish):
+            try:
+                finish()
+            except Exception:  # noqa: BLE001 - cleanup must not mask the original exception
+                pass
+
+
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
                   out_dir: Path, recipe: dict, device="auto", seed: Optional[int] = None,
                   log: Callable = print, epoch_callback=None) -> TrainOutcome:

@@ -64,6 +64,7 @@ def main(args) -> int:
         from bench.tuning import load_tuned
         tuned = load_tuned(args.method, args.dataset, args.shots)
         overrides.update(tuned.spec_overrides(explicit=overrides))
+        args.iterations = overrides.pop("iterations", args.iterations)  # set only if iterations were tuned
     elif args.params != "default":
         raise ValueError("--params takes 'default' or 'tuned'")
     result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)

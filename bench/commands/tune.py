@@ -1,0 +1,53 @@
+"""``bench tune``: Optuna search of a method's hyper-parameters on the tuning-validation split."""
+from __future__ import annotations
+
+
+def _repeats(text: str):
+    try:
+        values = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"--repeats expects comma-separated integers such as 0,1; got {text!r}") from None
+    if not values:
+        raise ValueError("--repeats needs at least one repeat")
+    return values
+
+
+def register(sub) -> None:
+    from bench.commands.run import add_run_arguments
+    from bench.tuning import DEFAULT_TRIALS
+    p = sub.add_parser(
+        "tune", help="tune a method's hyper-parameters with Optuna (tuning-validation cases only)",
+        description="Search the learning rate and METHOD's own hyper-parameters with Optuna. Each trial "
+                    "fine-tunes on a protocol repeat's support cases and is scored by mean Dice on that "
+                    "repeat's tuning-validation cases (never the test cases); unpromising trials are pruned "
+                    "on the intermediate tuning pseudo-Dice. The study is stored (default: an Optuna journal "
+                    "file in $BENCH_HOME/optuna/, shareable by several processes), so an interrupted tune "
+                    "resumes where it stopped. The best parameters go to "
+                    "$BENCH_HOME/tuned/<dataset>/<method>/shots<k>.json for `bench run --params tuned`.",
+        epilog="example: bench tune --method lora --shots 3 --trials 20   then   "
+               "bench run --method lora --shots 3 --params tuned")
+    add_run_arguments(p)
+    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+                   help=f"trial budget of the study, the same for every method (default {DEFAULT_TRIALS}); "
+                        "completed and pruned trials count, failed ones do not")
+    p.add_argument("--repeats", type=_repeats, default=None, metavar="R[,R...]",
+                   help="protocol repeats to average the objective over, e.g. 0,1 (default: --repeat)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: an RDB URL (postgresql://user@host/db) to share a study between "
+                        "machines, or a journal file path (default: $BENCH_HOME/optuna/journal.log)")
+    p.add_argument("--study-name", default=None,
+                   help="default: <method>-<dataset>-<shots>shot-<protocol version>")
+    p.add_argument("--tune-iterations", action="store_true",
+                   help="also search the iterations per trial among 0.5x, 1x, 2x --iterations")
+    p.add_argument("--verbose", action="store_true", help="print each trial's training progress")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from bench.tuning import tune
+    tune(args.method, dataset=args.dataset, shots=args.shots, trials=args.trials,
+         repeats=args.repeats or [args.repeat], storage=args.storage, study_name=args.study_name,
+         iterations=args.iterations, eval_every=args.eval_every, optimizer=args.optimizer,
+         foundation=args.foundation, device=args.device, seed=args.seed, protocol_version=args.protocol,
+         tracking_uri=args.tracking_uri, tune_iterations=args.tune_iterations, verbose=args.verbose)
+    return 0
