@@ -7,9 +7,10 @@ Rule (DESIGN.md section 4):
 2. Each step, in every kernel (row, dim 0) of a sparse tensor, the ``gamma``
    entries with the largest |gradient| are selected.
 3. Only selected entries of sparse tensors change at that step. This holds at
-   the update level: the optimizer runs as usual, then every non-selected
-   entry of the weight AND of its optimizer state (momentum, Adam moments) is
-   restored, so momentum and weight decay cannot move it.
+   the update level: the optimizer steps only the selected entries (they are
+   swapped in as compact tensors around ``optimizer.step()``), so momentum and
+   weight decay cannot move a non-selected entry of the weight or of its
+   optimizer state (momentum, Adam moments).
 4. Optional ``penalty`` * ||theta - theta_foundation||^2.
 """
 from __future__ import annotations
@@ -59,13 +60,17 @@ class _SparseUpdateMethod(Method):
             params[name].requires_grad_(False)
         self.sparse = {n: params[n] for n in self.groups["sparse"]}
         self.masks: Dict[str, torch.Tensor] = {}
-        self._saved: Dict[str, List[torch.Tensor]] = {}
-        self.anchor = FoundationAnchor(network, ctx.foundation_state)
+        self._swapped: List[tuple] = []
+        # The anchor keeps a device copy of every trainable tensor: only worth its memory when used.
+        penalty = float(self.hp["penalty"])
+        self.anchor = FoundationAnchor(network, ctx.foundation_state) if penalty > 0 else None
         self.generator = torch.Generator().manual_seed(ctx.seed)
         self.device = ctx.device
         return network
 
     def regularizer(self, network: nn.Module) -> Optional[torch.Tensor]:
+        if self.anchor is None:
+            return None
         return self.anchor.penalty(network, float(self.hp["penalty"]))
 
     def select(self, name: str, p: torch.Tensor, step: int) -> torch.Tensor:
@@ -81,25 +86,52 @@ class _SparseUpdateMethod(Method):
             p.grad.mul_(mask)  # clipping then sees the gradient that is applied
 
     def before_step(self, network, optimizer, step) -> None:
-        self._saved = {}
+        """Hand the optimizer only the selected entries of each sparse tensor.
+
+        Each sparse parameter's data, gradient and per-entry optimizer state (momentum, Adam
+        moments) are swapped for 1-D gathers of the selected entries; ``after_step`` scatters the
+        stepped values back and swaps the full tensors in again. The optimizer's own update rule
+        (momentum, weight decay, nesterov, Adam, GradScaler's skip on inf) runs unchanged on the
+        selected entries, and never touches the others: they stay bit-for-bit unchanged without a
+        saved copy. Per step this costs O(selected) memory plus one scan of each mask, where
+        saving and restoring whole tensors (``torch.where`` against clones of the weight and its
+        state) costs two extra copies of every sparse tensor and several full passes over it."""
+        self._swapped = []
         for name, p in self.sparse.items():
-            if name not in self.masks:
+            mask = self.masks.get(name)
+            if mask is None or p.grad is None:
                 continue
             state = optimizer.state.get(p, {})
-            tensors = [p.data] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
-            self._saved[name] = [t.clone() for t in tensors]
+            full_state = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
+            if not all(t.is_contiguous() for t in (p.data, p.grad, *full_state.values())):
+                raise RuntimeError(f"DGST's masked update needs contiguous tensors; {name} (or its gradient "
+                                   f"or optimizer state) is not")
+            idx = mask.reshape(-1).nonzero().squeeze(1)
+            full_data, full_grad = p.data, p.grad
+            p.grad = None  # p changes shape: drop the gradient first, then attach the compact one
+            p.data = full_data.view(-1).index_select(0, idx)
+            p.grad = full_grad.view(-1).index_select(0, idx)
+            for k, v in full_state.items():
+                state[k] = v.view(-1).index_select(0, idx)
+            self._swapped.append((p, idx, full_data, full_grad, full_state))
 
     def after_step(self, network, optimizer, step) -> None:
-        for name, saved in self._saved.items():
-            p = self.sparse[name]
-            mask = self.masks[name]
+        for p, idx, full_data, full_grad, full_state in self._swapped:
+            compact = p.data
+            full_data.view(-1).index_copy_(0, idx, compact)
             state = optimizer.state.get(p, {})
-            # state tensors created by this very step (first step) restore to zeros
-            current = [p.data] + [v for v in state.values() if torch.is_tensor(v) and v.shape == p.shape]
-            for i, t in enumerate(current):
-                old = saved[i] if i < len(saved) else torch.zeros_like(t)
-                t.copy_(torch.where(mask, t, old))
-        self._saved = {}
+            for k, v in list(state.items()):
+                if not (torch.is_tensor(v) and v.shape == compact.shape and v.dim() == 1):
+                    continue  # e.g. Adam's scalar step count: per tensor, kept as the optimizer left it
+                full = full_state.get(k)
+                if full is None:  # created by this very step (the first one): unselected entries start at 0
+                    full = torch.zeros(full_data.shape, dtype=v.dtype, device=v.device)
+                full.view(-1).index_copy_(0, idx, v)
+                state[k] = full
+            p.grad = None
+            p.data = full_data
+            p.grad = full_grad
+        self._swapped = []
 
 
 @METHODS.register("dgst")
