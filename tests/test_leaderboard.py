@@ -56,3 +56,19 @@ def test_markdown_content(results, tmp_path):
     rows = [line for line in md.splitlines() if line.startswith("| 1 | dgst |")]
     assert len(rows) == 2 and all(f"| {LEADER} |" in r for r in rows)
     assert any(line.startswith("| 3 | lora |") and f"| {WORSE} (p" in line for line in md.splitlines())
+
+
+def test_committed_leaderboards_regenerate_without_diff(tmp_path):
+    """The shipped leaderboards are produced by `bench leaderboard --from-snapshot`, never by hand."""
+    from pathlib import Path
+
+    from bench.cli import main
+    root = Path(__file__).resolve().parent.parent / "leaderboards"
+    snapshot = root / "results.csv"
+    if not snapshot.is_file():
+        pytest.skip("no committed results snapshot")
+    assert main(["leaderboard", "--from-snapshot", "--snapshot", str(snapshot), "--out", str(tmp_path)]) == 0
+    produced = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".png"))
+    assert produced
+    for name in produced:
+        assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), f"{name} differs from the committed file"
