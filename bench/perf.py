@@ -27,7 +27,7 @@ harness step (``bench.engine.step.training_step``; AMP and a GradScaler on CUDA)
   exported, nnU-Net-loadable weights that differ after warm-up + timed steps;
   nnU-Net's aliased ``all_modules`` keys counted once).
 - DGST selection: on the same gradients (one backward pass of the full network),
-  the suite's ``topk_mask`` over every sparse tensor against the released
+  the suite's ``topk_indices`` over every sparse tensor against the released
   trainer's selection (``released_selection(..., fill_mask=True)``: a dense
   ``eye(row_length)`` per tensor and two argsorts), timed interleaved, masks
   compared entry by entry (rows that differ only because of tied |gradient|
@@ -471,7 +471,7 @@ def _selection_benchmark(full_state, spec, loss, batch, device, reps, log) -> Di
     from bench.methods import METHODS
     from bench.methods.dgst import partition
     from bench.methods.dgst.released import released_selection
-    from bench.methods.dgst.selection import entries_per_row, topk_mask
+    from bench.methods.dgst.selection import entries_per_row, mask_from_indices, topk_indices
 
     net, data, target = full_state["net"], batch[0], batch[1]
     net.zero_grad(set_to_none=True)
@@ -485,8 +485,8 @@ def _selection_benchmark(full_state, spec, loss, batch, device, reps, log) -> Di
     net.zero_grad(set_to_none=True)
     gamma = METHODS.get("dgst").defaults["gamma"]
 
-    def ours():
-        return {n: topk_mask(g, gamma) for n, g in grads.items()}
+    def ours():  # what the training step runs: flat indices, no dense mask
+        return {n: topk_indices(g, gamma) for n, g in grads.items()}
 
     def released():
         return released_selection(grads, int(gamma), fill_mask=True)
@@ -507,7 +507,7 @@ def _selection_benchmark(full_state, spec, loss, batch, device, reps, log) -> Di
             del res
     entries = agree = rows = rows_equal = tie_rows = 0
     for n, g in grads.items():
-        a, b = masks_ours[n], masks_rel[n]
+        a, b = mask_from_indices(masks_ours[n], g), masks_rel[n]
         entries += a.numel()
         agree += int((a == b).sum())
         ra, rb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
@@ -682,7 +682,7 @@ def device_description(device: torch.device) -> Tuple[str, str]:
 
 def default_settings(device: torch.device) -> Dict[str, int]:
     """CPU: a quick look (a few minutes); CUDA: enough rounds for a stable median."""
-    return {"steps": 3, "warmup": 2, "selection_reps": 3} if device.type != "cuda" else \
+    return {"steps": 8, "warmup": 2, "selection_reps": 3} if device.type != "cuda" else \
         {"steps": 20, "warmup": 3, "selection_reps": 10}
 
 
@@ -768,7 +768,7 @@ def _selection_lines(net: NetworkResult) -> List[str]:
     s = net.selection
     key = "selection_speedup"
     target = _verdict(key, s["speedup"]) + ("" if net.key == "default" else " (target set for the default architecture)")
-    return [f"DGST selection (topk_mask) vs released selection (eye(row_length) + two argsorts), same gradients: "
+    return [f"DGST selection (topk_indices) vs released selection (eye(row_length) + two argsorts), same gradients: "
             f"{s['tensors']} sparse tensors, {s['entries']:,} entries, gamma {s['gamma']}, longest row "
             f"{s['max_row_length']:,}",
             f"  ours {_fmt(s['ours']['median_s'], '.4f')} s (IQR {_fmt(s['ours']['q25_s'], '.4f')}-"

@@ -157,3 +157,27 @@ def test_random_and_static_ablations_select_gamma_per_row():
     training_step(net, method, opt, seg_loss, x, y, 0)
     for name, m in method.masks.items():
         assert int(m.reshape(m.shape[0], -1).sum(1).max()) == min(3, m[0].numel())
+
+
+def test_clipping_and_gradient_see_only_the_selected_entries():
+    """The gradient left on a sparse tensor after the step is the applied one: selected entries only."""
+    net, method, opt, x, y = setup(gamma=2)
+    grads = record_grads(method)
+    training_step(net, method, opt, seg_loss, x, y, 0)
+    params = dict(net.named_parameters())
+    for name in method.groups["sparse"]:
+        selected = method.masks[name]
+        grad = params[name].grad
+        assert grad.shape == params[name].shape
+        assert torch.equal(grad[~selected], torch.zeros_like(grad[~selected])), name
+        ratio = grad[selected] / grads[name][selected]  # one clip factor (<= 1) for every selected entry
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio)) and float(ratio.flatten()[0]) <= 1.0
+
+
+def test_flat_indices_select_gamma_entries_of_every_row():
+    from bench.methods.dgst.selection import topk_indices
+
+    g = torch.randn(5, 3, 2, 2, 2)
+    idx = topk_indices(g, 2)
+    assert idx.numel() == 10 and torch.equal(idx // 24, torch.arange(5).repeat_interleave(2))
+    assert torch.equal(topk_mask(g, 2), reference_topk(g, 2))

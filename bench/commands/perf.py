@@ -20,7 +20,7 @@ def register(sub) -> None:
                    help="patch size for the chosen network(s) (default: tiny 32 64 64; default network "
                         "56 192 160 on CUDA, 16 64 64 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 2; 1 for the default network on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 3 on CPU, 20 on CUDA)")
+    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 8 on CPU, 20 on CUDA)")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up steps per method, >= 2; peak memory is taken over them (default: 2 CPU, 3 CUDA)")
     p.add_argument("--selection-reps", type=int, default=None,

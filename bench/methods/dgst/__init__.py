@@ -7,8 +7,9 @@ Rule (DESIGN.md section 4):
 2. Each step, in every kernel (row, dim 0) of a sparse tensor, the ``gamma``
    entries with the largest |gradient| are selected.
 3. Only selected entries of sparse tensors change at that step. This holds at
-   the update level: the optimizer steps only the selected entries (they are
-   swapped in as compact tensors around ``optimizer.step()``), so momentum and
+   the update level: right after backward, each sparse parameter's data,
+   gradient and optimizer state are swapped for compact gathers of the selected
+   entries, so gradient clipping sees only the applied gradient and momentum and
    weight decay cannot move a non-selected entry of the weight or of its
    optimizer state (momentum, Adam moments).
 4. Optional ``penalty`` * ||theta - theta_foundation||^2.
@@ -23,7 +24,7 @@ from torch import nn
 from bench.methods import METHODS
 from bench.methods.base import Method, MethodContext, is_head, norm_parameter_names
 from bench.methods.dgst.released import released_selection
-from bench.methods.dgst.selection import random_mask, topk_mask
+from bench.methods.dgst.selection import mask_from_indices, random_indices, topk_indices
 from bench.methods.penalty import FoundationAnchor
 
 ALWAYS_FROZEN_KEYS = ("pos_embed", "cls_token", "absolute_pos_embed", "position_embedding")
@@ -59,7 +60,7 @@ class _SparseUpdateMethod(Method):
         for name in self.groups["frozen"]:
             params[name].requires_grad_(False)
         self.sparse = {n: params[n] for n in self.groups["sparse"]}
-        self.masks: Dict[str, torch.Tensor] = {}
+        self.selected: Dict[str, torch.Tensor] = {}  # name -> flat indices selected at this step
         self._swapped: List[tuple] = []
         # The anchor keeps a device copy of every trainable tensor: only worth its memory when used.
         penalty = float(self.hp["penalty"])
@@ -74,48 +75,57 @@ class _SparseUpdateMethod(Method):
         return self.anchor.penalty(network, float(self.hp["penalty"]))
 
     def select(self, name: str, p: torch.Tensor, step: int) -> torch.Tensor:
+        """Flat indices of the entries of ``p`` to update at this step."""
         raise NotImplementedError
 
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """Boolean masks of the last step's selection (for checks and reports; the step never builds them)."""
+        shapes = {id(p): full.shape for p, _, full, _, _ in self._swapped}
+        out = {}
+        for name, idx in self.selected.items():
+            p = self.sparse[name]
+            like = torch.empty(shapes.get(id(p), p.shape), dtype=torch.bool, device=idx.device)
+            out[name] = mask_from_indices(idx, like)
+        return out
+
     def after_backward(self, network: nn.Module, step: int) -> None:
-        self.masks = {}
+        """Select, then swap each sparse parameter's data and gradient for 1-D gathers of its selection.
+
+        From here to ``after_step`` the parameter is compact: gradient clipping sees exactly the
+        gradient that is applied, and the optimizer's own update rule (momentum, weight decay,
+        nesterov, Adam, GradScaler's skip on inf) runs unchanged on the selected entries and never
+        touches the others, which stay bit-for-bit unchanged without a saved copy. Per step this
+        costs one |gradient| + topk pass per tensor and O(selected) gathers: no dense mask is
+        built, multiplied or scanned, and the optimizer's pass over unselected entries is skipped."""
+        self.selected, self._swapped = {}, []
         for name, p in self.sparse.items():
             if p.grad is None:
                 continue
-            mask = self.select(name, p, step)
-            self.masks[name] = mask
-            p.grad.mul_(mask)  # clipping then sees the gradient that is applied
-
-    def before_step(self, network, optimizer, step) -> None:
-        """Hand the optimizer only the selected entries of each sparse tensor.
-
-        Each sparse parameter's data, gradient and per-entry optimizer state (momentum, Adam
-        moments) are swapped for 1-D gathers of the selected entries; ``after_step`` scatters the
-        stepped values back and swaps the full tensors in again. The optimizer's own update rule
-        (momentum, weight decay, nesterov, Adam, GradScaler's skip on inf) runs unchanged on the
-        selected entries, and never touches the others: they stay bit-for-bit unchanged without a
-        saved copy. Per step this costs O(selected) memory plus one scan of each mask, where
-        saving and restoring whole tensors (``torch.where`` against clones of the weight and its
-        state) costs two extra copies of every sparse tensor and several full passes over it."""
-        self._swapped = []
-        for name, p in self.sparse.items():
-            mask = self.masks.get(name)
-            if mask is None or p.grad is None:
-                continue
-            state = optimizer.state.get(p, {})
-            full_state = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
-            if not all(t.is_contiguous() for t in (p.data, p.grad, *full_state.values())):
-                raise RuntimeError(f"DGST's masked update needs contiguous tensors; {name} (or its gradient "
-                                   f"or optimizer state) is not")
-            idx = mask.reshape(-1).nonzero().squeeze(1)
+            idx = self.select(name, p, step)
+            self.selected[name] = idx
+            if not (p.data.is_contiguous() and p.grad.is_contiguous()):
+                raise RuntimeError(f"DGST's masked update needs contiguous tensors; {name} or its gradient is not")
             full_data, full_grad = p.data, p.grad
             p.grad = None  # p changes shape: drop the gradient first, then attach the compact one
             p.data = full_data.view(-1).index_select(0, idx)
             p.grad = full_grad.view(-1).index_select(0, idx)
-            for k, v in full_state.items():
-                state[k] = v.view(-1).index_select(0, idx)
-            self._swapped.append((p, idx, full_data, full_grad, full_state))
+            self._swapped.append((p, idx, full_data, full_grad, {}))
+
+    def before_step(self, network, optimizer, step) -> None:
+        """Swap the per-entry optimizer state (momentum, Adam moments) for gathers of the selection too."""
+        for p, idx, full_data, _, full_state in self._swapped:
+            state = optimizer.state.get(p, {})
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.shape == full_data.shape:
+                    if not v.is_contiguous():
+                        raise RuntimeError(f"DGST's masked update needs contiguous optimizer state ({k})")
+                    full_state[k] = v
+                    state[k] = v.view(-1).index_select(0, idx)
 
     def after_step(self, network, optimizer, step) -> None:
+        """Scatter the stepped entries back and swap the full tensors in again; the full gradient
+        keeps the applied (selected, clipped) values and zeros elsewhere."""
         for p, idx, full_data, full_grad, full_state in self._swapped:
             compact = p.data
             full_data.view(-1).index_copy_(0, idx, compact)
@@ -128,9 +138,10 @@ class _SparseUpdateMethod(Method):
                     full = torch.zeros(full_data.shape, dtype=v.dtype, device=v.device)
                 full.view(-1).index_copy_(0, idx, v)
                 state[k] = full
+            applied = p.grad
             p.grad = None
             p.data = full_data
-            p.grad = full_grad
+            p.grad = full_grad.zero_().view(-1).index_copy_(0, idx, applied).view_as(full_data)
         self._swapped = []
 
 
@@ -140,7 +151,7 @@ class DGST(_SparseUpdateMethod):
     summary = "DGST: hierarchical freezing + per-kernel top-gamma |grad| entries each step"
 
     def select(self, name, p, step):
-        return topk_mask(p.grad, self.hp["gamma"])
+        return topk_indices(p.grad, self.hp["gamma"])
 
     @classmethod
     def search_space(cls, trial):
@@ -154,7 +165,7 @@ class DGSTRandom(_SparseUpdateMethod):
     summary = "ablation: DGST freezing, gamma random entries per kernel each step"
 
     def select(self, name, p, step):
-        return random_mask(p.grad, self.hp["gamma"], self.generator)
+        return random_indices(p.grad, self.hp["gamma"], self.generator)
 
     search_space = DGST.search_space
 
@@ -176,7 +187,7 @@ class DGSTStatic(_SparseUpdateMethod):
                 if p.grad is not None:
                     scores[n] += p.grad.detach().abs()
         network.zero_grad(set_to_none=True)
-        self.fixed = {n: topk_mask(s, self.hp["gamma"]) for n, s in scores.items()}
+        self.fixed = {n: topk_indices(s, self.hp["gamma"]) for n, s in scores.items()}
 
     def select(self, name, p, step):
         return self.fixed[name]
