@@ -26,7 +26,7 @@ from bench.stats import ALPHA, N_BOOT, paired_table, summary, vs_reference
 LEADER, WORSE = "leader", "*"
 COLUMNS = ["shots", "rank", "method", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
            "nsd", "hd95", "lesion_f1", "trainable_params", "train_seconds", "peak_memory_mb",
-           "blocks", "protocol_version"]
+           "blocks", "protocol_version", "iterations", "params_source"]
 
 
 def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed: int = 0,
@@ -57,8 +57,11 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
         per_case = rows.groupby("method")[["nsd", "hd95", "lesion_f1"]].mean()
         runs = rows.drop_duplicates(["method", "repeat"])
         per_run = runs.groupby("method")[["trainable_params", "train_seconds", "peak_memory_mb"]].mean()
-        versions = runs.groupby("method")["protocol_version"].agg(lambda v: ",".join(sorted(set(v))))
-        tables.append(t.join(per_case, on="method").join(per_run, on="method").join(versions, on="method"))
+        listed = runs.groupby("method")[["protocol_version", "params_source"]].agg(lambda v: ",".join(sorted(set(v))))
+        budget = runs.groupby("method")["iterations"].agg(
+            lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
+        tables.append(t.join(per_case, on="method").join(per_run, on="method").join(listed, on="method")
+                      .join(budget, on="method"))
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
     out = pd.concat(tables, ignore_index=True)[COLUMNS]
@@ -90,7 +93,9 @@ def _markdown(table: pd.DataFrame, dataset: str) -> str:
              f"`{LEADER}`: highest mean Dice for that number of shots; `{WORSE}`: significantly worse than the "
              f"leader (paired Wilcoxon signed-rank, Holm-corrected over the comparisons with the leader, "
              f"p < {ALPHA}). NSD at {DEFAULT_NSD_TOLERANCE_MM:g} mm, HD95 in mm and lesion F1 are means over the "
-             "same blocks; trainable parameters, training time and peak memory are means over runs.", ""]
+             "same blocks; trainable parameters, training time and peak memory are means over runs. Every method "
+             "of a table was trained for the same number of iterations (results of unequal budgets are refused); "
+             "hyper-parameters: `default` or the Optuna study that tuned them.", ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", "", markdown_table(pd.DataFrame({
             "rank": t["rank"],
@@ -105,7 +110,9 @@ def _markdown(table: pd.DataFrame, dataset: str) -> str:
             "train s": t.train_seconds.map(lambda v: fmt(v, 1)),
             "peak MB": t.peak_memory_mb.map(lambda v: fmt(v, 0)),
             "blocks": t.blocks,
-            "protocol": t.protocol_version})), ""]
+            "protocol": t.protocol_version,
+            "iterations": t.iterations,
+            "hyper-parameters": t.params_source})), ""]
     return "\n".join(lines)
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import ctypes
 import gc
 import io
 import itertools
@@ -63,6 +62,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
 
 REFERENCE = "full"
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1},
@@ -170,90 +171,6 @@ def network_spec(key: str, device: torch.device, patch: Optional[Sequence[int]] 
 # --------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _proc_status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_high_water() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-class MemoryMeter:
-    """Peak bytes allocated inside a window; ``paused()`` excludes the harness's own bookkeeping."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.available = True
-        self.peak = 0
-        self.base = 0
-
-    def _current(self) -> int:
-        if self.cuda:
-            return torch.cuda.memory_allocated(self.device)
-        return (_proc_status_kib("VmRSS") or 0) * 1024
-
-    def _high_water(self) -> int:
-        if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device)
-        return (_proc_status_kib("VmHWM") or 0) * 1024
-
-    def _reset(self) -> None:
-        if self.cuda:
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif not _reset_rss_high_water():
-            self.available = False
-
-    def start(self) -> "MemoryMeter":
-        _release_freed_memory()
-        self._reset()
-        self.base, self.peak = self._current(), 0
-        return self
-
-    def _take(self) -> int:
-        _sync(self.device)
-        self.peak = max(self.peak, self._high_water() - self.base)
-        return self._current() - self.base
-
-    @contextlib.contextmanager
-    def paused(self):
-        level = self._take()
-        yield
-        _release_freed_memory()  # memory freed while paused must not be reused unseen afterwards
-        self._reset()
-        self.base = self._current() - level
-
-    def stop(self) -> Optional[int]:
-        self._take()
-        return self.peak if self.available else None
-
-
 def _quiet_trainer(cls, plans: dict, configuration: str, dataset_json: dict, device: torch.device):
     """An nnU-Net trainer object without ``initialize()`` (no preprocessed data needed); its console
     chatter is swallowed."""
@@ -635,7 +552,7 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
         selection = _selection_benchmark(states[REFERENCE], spec, loss, batch, device, selection_reps, log)
         selection["share_of_full_step"] = _ratio(selection["ours"]["median_s"], ref)
         del states, contestants, by_name, stock, harness, shell, hnet, hopt
-        _release_freed_memory()
+        release_freed_memory()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return NetworkResult(spec.key, spec.title, spec.patch, spec.batch, spec.features, total, rows, selection,
@@ -684,19 +601,6 @@ def default_settings(device: torch.device) -> Dict[str, int]:
     """CPU: a quick look (a few minutes); CUDA: enough rounds for a stable median."""
     return {"steps": 8, "warmup": 2, "selection_reps": 3} if device.type != "cuda" else \
         {"steps": 20, "warmup": 3, "selection_reps": 10}
-
-
-def resolve_methods(selection: str | Sequence[str] | None) -> List[str]:
-    """``all`` (every registered method) or a comma list; the reference ``full`` is always included, first."""
-    from bench.methods import METHODS
-
-    if selection is None or selection == "all" or selection == ["all"]:
-        names = METHODS.names()
-    else:
-        names = [n.strip() for n in (selection.split(",") if isinstance(selection, str) else selection) if n.strip()]
-        for n in names:
-            METHODS.get(n)  # unknown names fail here, with the valid list
-    return [REFERENCE] + [n for n in dict.fromkeys(names) if n != REFERENCE]
 
 
 def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Sequence[str], steps: int,

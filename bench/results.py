@@ -3,9 +3,12 @@
 Sources are directories (searched recursively for ``result.json``), single
 ``.json`` result files, or ``.csv`` snapshots written by ``write_snapshot``.
 Results evaluated on the tuning split (``"evaluated": "tune"``) are skipped:
-only test-set results are compared. One cell is (dataset, method, shots,
-repeat); when several sources hold the same cell, the newest file (by
-modification time) wins and a warning names the files involved.
+only test-set results are compared. Each row carries its training budget
+(``iterations``) and where its hyper-parameters came from (``params_source``:
+``default`` or the Optuna study); ``load_results(..., iterations=N)`` keeps one
+budget. One cell is (dataset, method, shots, repeat); when several sources hold
+the same cell, the newest file (by modification time) wins and a warning names
+the files involved.
 
 The snapshot CSV is the committed, deterministic form of that table: rows
 sorted by cell and case, a fixed column order and fixed float formatting, so
@@ -18,7 +21,7 @@ import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, List, Union
+from typing import Iterable, List, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -28,18 +31,21 @@ from bench.metrics import METRICS
 SCHEMA_VERSIONS = (1,)
 CELL = ["dataset", "method", "shots", "repeat"]
 KEY = CELL + ["case_id"]
-COLUMNS = KEY + ["run_id", "protocol_version", *METRICS,
+COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", *METRICS,
                  "trainable_params", "changed_params", "train_seconds", "peak_memory_mb", "device"]
-STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "device"]
+STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "params_source", "device"]
 INT_COLUMNS = ["shots", "repeat", "lesion_tp", "lesion_fp", "lesion_fn"]
-COUNT_COLUMNS = ["trainable_params", "changed_params"]  # integers that a run may leave empty
+COUNT_COLUMNS = ["iterations", "trainable_params", "changed_params"]  # integers that may be unknown
+# Columns that older snapshots lack, with the value they are read as.
+LATER_COLUMNS = {"iterations": "nan", "params_source": "unknown"}
 FLOAT_FORMAT = "%.6g"
 
 Source = Union[str, Path]
 
 
-def load_results(paths_or_dirs: Union[Source, Iterable[Source]]) -> pd.DataFrame:
-    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``."""
+def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Optional[int] = None) -> pd.DataFrame:
+    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``; with ``iterations``,
+    only results trained for that many iterations (selected before duplicates of a cell are resolved)."""
     if isinstance(paths_or_dirs, (str, Path)):
         paths_or_dirs = [paths_or_dirs]
     candidates = defaultdict(list)  # cell key -> [(mtime, file, rows), ...]
@@ -47,6 +53,8 @@ def load_results(paths_or_dirs: Union[Source, Iterable[Source]]) -> pd.DataFrame
         table = read_snapshot(file) if file.suffix == ".csv" else _read_result(file)
         if table is None:
             continue
+        if iterations is not None:
+            table = table[table["iterations"].astype("Int64") == int(iterations)]
         mtime = file.stat().st_mtime
         for key, rows in table.groupby(CELL, sort=False):
             candidates[key].append((mtime, str(file), rows))
@@ -92,6 +100,7 @@ def _read_result(file: Path):
             return None
         run = {"dataset": spec["dataset"], "method": spec["method"], "shots": spec["shots"],
                "repeat": spec["repeat"], "run_id": res["run_id"], "protocol_version": spec["protocol_version"],
+               "iterations": spec["iterations"], "params_source": spec.get("params_source", "default"),
                "trainable_params": params["trainable"], "changed_params": params["changed"],
                "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
                "device": cost.get("device", spec.get("device"))}
@@ -129,6 +138,9 @@ def read_snapshot(path: Source) -> pd.DataFrame:
     # Strings stay strings (a case id "NA" is not a missing value); only "nan" is missing, in numbers.
     df = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS}, keep_default_na=False,
                      na_values={c: ["nan"] for c in COLUMNS if c not in STRING_COLUMNS})
+    for c, value in LATER_COLUMNS.items():
+        if c not in df.columns:
+            df[c] = np.nan if value == "nan" else value
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: not a results snapshot (missing columns {', '.join(missing)})")
@@ -152,7 +164,8 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
             for c, d in enumerate(dice):
                 rows.append({
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
-                    "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "dice": d, "hd95": 20 * (1 - d),
+                    "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
+                    "params_source": "default", "dice": d, "hd95": 20 * (1 - d),
                     "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "lesion_tp": 2, "lesion_fp": int(d < 0.7),
                     "lesion_fn": int(d < 0.8), "lesion_precision": 1 / (1 + int(d < 0.7)),
                     "lesion_recall": 2 / (2 + int(d < 0.8)), "lesion_f1": d, "vol_pred_ml": 2 * d,

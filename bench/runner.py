@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 import bench
 from bench.home import configure_nnunet_env, subdir
+from bench.memory import MemoryMeter
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -82,18 +82,12 @@ class TrainOutcome:
     arch_override: Optional[dict]
     train_seconds: float
     step_times: List[float]
-    peak_memory_mb: float
+    peak_memory_mb: Optional[float]  # above the process at the start of fine-tuning; None: unmeasurable
     trainable: int
     total: int
     changed: int
     load_report: Dict[str, List[str]]
     epoch_scores: List[Dict[str, float]]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
 
 
 def parameter_keys(plans: dict, dataset_json: dict, configuration: str, arch_override: Optional[dict]) -> List[str]:
@@ -153,8 +147,7 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         if epoch_callback:
             epoch_callback(epoch, s)
     trainer.epoch_callback = _on_epoch
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
+    meter = MemoryMeter(dev).start()  # network, optimizer state, activations: the method's own cost
     trainer.initialize()
     net = trainer.network
     before, override = method.export(net)
@@ -174,10 +167,12 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         stop_data_loaders(trainer)
         raise
     train_seconds = time.perf_counter() - t0
+    peak_bytes = meter.stop()
     export_state, arch_override = method.export(trainer.network)
     changed = count_changed(before, export_state, keys)
     total = sum(before[k].numel() for k in keys)
-    return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times, peak_memory_mb(dev),
+    return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times,
+                        peak_bytes / 2**20 if peak_bytes is not None else None,
                         int(trainable), int(total), changed, trainer.load_report, scores)
 
 

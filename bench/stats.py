@@ -72,6 +72,21 @@ class Paired:
         return self.metric in HIGHER_IS_BETTER
 
 
+def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
+    """Refuse to pair methods trained for different numbers of iterations: that compares budgets,
+    not methods (results of unknown budget, from snapshots that predate the column, are not checked)."""
+    if "iterations" not in sub.columns:
+        return
+    known = sub.dropna(subset=["iterations"])
+    budgets = known.groupby("method")["iterations"].agg(lambda v: sorted({int(x) for x in v}))
+    if len({tuple(b) for b in budgets}) > 1 or any(len(b) > 1 for b in budgets):
+        listing = "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in budgets.items())
+        raise ValueError(f"{dataset} {shots}-shot: methods were trained for different numbers of iterations "
+                         f"({listing}); a comparison needs equal budgets. Keep one budget with "
+                         f"`--iterations N` (bench leaderboard / bench report), or re-run the cells with the "
+                         f"same --iterations.")
+
+
 def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice",
                  methods: Optional[Sequence[str]] = None) -> Paired:
     sub = df[(df["dataset"] == dataset) & (df["shots"] == shots)]
@@ -82,6 +97,7 @@ def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice
         sub = sub[sub["method"].isin(methods)]
     if sub.empty:
         raise ValueError(f"no results for dataset {dataset!r} with {shots} shots")
+    check_equal_budgets(sub, dataset, shots)
     wide = sub.pivot(index=["repeat", "case_id"], columns="method", values=metric)
     wide = wide.reindex(columns=sorted(wide.columns)).sort_index()
     wide.columns.name = None

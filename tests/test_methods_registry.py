@@ -227,3 +227,14 @@ def test_method_table_lists_every_method_with_its_trainable_share():
     assert by_name["full"]["trainable"] == total and by_name["full"]["share_percent"] == 100.0
     assert 0 < by_name["linear-probe"]["trainable"] < by_name["decoder"]["trainable"] < total
     assert all(name in format_table(rows) for name in METHODS.names())
+
+
+def test_resolve_methods_all_list_reference_and_unknown_names():
+    from bench.methods import resolve_methods
+
+    assert resolve_methods("all") == METHODS.names()
+    assert resolve_methods("dgst, lora,dgst") == ["dgst", "lora"]
+    assert resolve_methods(["lora", "full"], first="full") == ["full", "lora"]
+    assert resolve_methods("all", first="full")[0] == "full"
+    with pytest.raises(KeyError, match="dgst"):
+        resolve_methods("dgts")

@@ -132,3 +132,22 @@ def test_analyse_without_reference():
     df = synthetic_results({"full": 0.7, "lora": 0.6, "bitfit": 0.5})
     a = stats.analyse(df, "phantom", 1, n_boot=200, n_resamples=999)
     assert a.vs_reference is None and a.claim is None and len(a.all_pairs) == 3
+
+
+def test_unequal_budgets_are_refused_and_one_budget_can_be_selected(tmp_path):
+    from bench.results import load_results, read_snapshot, write_snapshot
+
+    df = synthetic_results(repeats=2, cases=3)
+    df.loc[df.method == "lora", "iterations"] = 30
+    with pytest.raises(ValueError, match=r"different numbers of iterations \(dgst: 60; full: 60; lora: 30\).*--iterations"):
+        stats.paired_table(df, "phantom", 1)
+    snap = write_snapshot(df, tmp_path / "mixed.csv")
+    kept = load_results(snap, iterations=60)
+    assert set(kept.method) == {"dgst", "full"} and (kept.iterations == 60).all()
+    assert len(stats.paired_table(kept, "phantom", 1).values) == 2 * 3
+    # a snapshot written before the budget columns existed still loads; its budget is unknown, not checked
+    old = tmp_path / "old.csv"
+    pd.read_csv(snap).drop(columns=["iterations", "params_source"]).to_csv(old, index=False)
+    legacy = read_snapshot(old)
+    assert legacy.iterations.isna().all() and (legacy.params_source == "unknown").all()
+    stats.paired_table(legacy, "phantom", 1)

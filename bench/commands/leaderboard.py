@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--out", default="leaderboards", help="output directory (default: leaderboards)")
     p.add_argument("--from-snapshot", action="store_true",
                    help="render from --snapshot without collecting results")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="only results trained for this many iterations (methods are compared at equal budgets; "
+                        "results of different budgets are refused)")
     p.set_defaults(func=main)
 
 
@@ -24,11 +27,14 @@ def main(args) -> int:
 
     if not args.from_snapshot:
         sources = args.results or [bench_home() / "runs"]
-        df = load_results(sources)
+        df = load_results(sources, iterations=args.iterations)
         if df.empty:
             raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; "
                              "run `bench run` first, or use --from-snapshot")
         print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
-    for path in write_leaderboards(read_snapshot(args.snapshot), args.out):
+    df = read_snapshot(args.snapshot)
+    if args.iterations is not None:
+        df = df[df["iterations"] == args.iterations]
+    for path in write_leaderboards(df, args.out):
         print(f"wrote {path}")
     return 0

@@ -36,11 +36,12 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from bench.perf import (default_settings, log_report, network_spec, render_text, resolve_device,
-                            resolve_methods, run_perf, write_report)
+    from bench.methods import resolve_methods
+    from bench.perf import (REFERENCE, default_settings, log_report, network_spec, render_text, resolve_device,
+                            run_perf, write_report)
 
     device = resolve_device(args.device)
-    methods = resolve_methods(args.methods)
+    methods = resolve_methods(args.methods, first=REFERENCE)
     keys = ["test"] if args.tiny_test else (["tiny", "default"] if args.network == "both" else [args.network])
     specs = [network_spec(k, device, args.patch, args.batch) for k in keys]
     d = default_settings(device)

@@ -13,6 +13,9 @@ def register(sub) -> None:
                    help="result directories, result.json files or snapshot CSVs (default: $BENCH_HOME/runs)")
     p.add_argument("--out", default=None, help="output directory (default: $BENCH_HOME/reports/<timestamp>)")
     p.add_argument("--tracking-uri", default=None, help="also log the report to this MLflow tracking URI")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="only results trained for this many iterations (methods are compared at equal budgets; "
+                        "results of different budgets are refused)")
     p.set_defaults(func=main)
 
 
@@ -24,7 +27,7 @@ def main(args) -> int:
     from bench.results import load_results
 
     sources = args.results or [bench_home() / "runs"]
-    df = load_results(sources)
+    df = load_results(sources, iterations=args.iterations)
     if df.empty:
         raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; run `bench run` first")
     out = args.out or bench_home() / "reports" / time.strftime("%Y%m%d-%H%M%S")

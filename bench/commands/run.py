@@ -84,5 +84,6 @@ def print_result(result: dict) -> None:
     p, c = result["params"], result["cost"]
     print(f"trainable {p['trainable']:,} of {p['total']:,} parameters; changed {p['changed']:,}; "
           f"train {c['train_seconds']:.1f} s ({c['step_seconds_median']:.3f} s/step, {c['device']}); "
-          f"peak memory {c['peak_memory_mb']:.0f} MiB")
+          f"peak memory {'n/a' if c['peak_memory_mb'] is None else format(c['peak_memory_mb'], '.0f')} MiB "
+          f"above the process at start")
     print(f"result: {result['model_dir'].rsplit('/model', 1)[0]}/result.json; MLflow run {result['mlflow_run_id']}")

@@ -11,7 +11,7 @@ def register(sub) -> None:
                        description="Each cell (method, dataset, shots, repeat) is one job. Finished cells are "
                                    "skipped; killed or failed ones are redone on the next invocation.")
     p.add_argument("--file", default=None, help="sweep file (JSON) with the same keys; flags override it")
-    p.add_argument("--methods", default=None, help="comma list (default dgst,full)")
+    p.add_argument("--methods", default=None, help="comma list, or 'all' (default dgst,full)")
     p.add_argument("--datasets", default=None, help="comma list (default phantom)")
     p.add_argument("--shots", default=None, help="comma list (default 1,3,5)")
     p.add_argument("--repeats", type=int, default=None, help="repeats 0..N-1 per cell (default 5)")
@@ -29,18 +29,16 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from bench.methods import METHODS
+    from bench.methods import resolve_methods
     from bench.datasets import DATASETS
     from bench.sweep import cell_key, estimate_seconds, grid, is_done, load_sweep_file, sweep
 
     cfg = load_sweep_file(args.file) if args.file else {}
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else cfg.get(name, default)
-    methods = _csv(pick("methods", "dgst,full")) if isinstance(pick("methods", ""), str) else cfg["methods"]
+    methods = resolve_methods(pick("methods", "dgst,full"))
     datasets = _csv(pick("datasets", "phantom")) if isinstance(pick("datasets", ""), str) else cfg["datasets"]
     shots = pick("shots", "1,3,5")
     shots = _csv(shots, int) if isinstance(shots, str) else [int(s) for s in shots]
-    for m in methods:
-        METHODS.get(m)
     for d in datasets:
         DATASETS.get(d)
     specs = grid(methods, datasets, shots, range(int(pick("repeats", 5))), iterations=int(pick("iterations", 60)),

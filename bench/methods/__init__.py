@@ -30,6 +30,19 @@ def method_names() -> list:
     return METHODS.names()
 
 
+def resolve_methods(selection, first: str | None = None) -> list:
+    """``all`` (every registered method) or a comma list (or list) of names; unknown names fail with
+    the valid list. ``first``, if given, is always included and put first (a comparison's reference)."""
+    if selection is None or selection == "all" or selection == ["all"]:
+        names = METHODS.names()
+    else:
+        names = [n.strip() for n in (selection.split(",") if isinstance(selection, str) else selection) if n.strip()]
+        for n in names:
+            METHODS.get(n)
+    names = list(dict.fromkeys(names))
+    return [first] + [n for n in names if n != first] if first else names
+
+
 _load_all()
 
-__all__ = ["METHODS", "Method", "MethodContext", "get_method", "method_names"]
+__all__ = ["METHODS", "Method", "MethodContext", "get_method", "method_names", "resolve_methods"]
