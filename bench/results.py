@@ -43,9 +43,18 @@ FLOAT_FORMAT = "%.6g"
 Source = Union[str, Path]
 
 
-def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Optional[int] = None) -> pd.DataFrame:
-    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``; with ``iterations``,
-    only results trained for that many iterations (selected before duplicates of a cell are resolved)."""
+def params_kind(source: str) -> str:
+    """``default``, ``tuned`` (the name of the Optuna study that produced the parameters) or ``unknown``."""
+    return source if source in ("default", "unknown") else "tuned"
+
+
+def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Optional[int] = None,
+                 params: Optional[str] = None) -> pd.DataFrame:
+    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``. ``iterations`` keeps
+    only results trained for that many iterations, ``params`` (``default`` / ``tuned``) only results with
+    such hyper-parameters; both select before duplicates of a cell are resolved."""
+    if params not in (None, "default", "tuned"):
+        raise ValueError(f"params must be 'default' or 'tuned', not {params!r}")
     if isinstance(paths_or_dirs, (str, Path)):
         paths_or_dirs = [paths_or_dirs]
     candidates = defaultdict(list)  # cell key -> [(mtime, file, rows), ...]
@@ -55,6 +64,8 @@ def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Opt
             continue
         if iterations is not None:
             table = table[table["iterations"].astype("Int64") == int(iterations)]
+        if params is not None:
+            table = table[table["params_source"].map(params_kind) == params]
         mtime = file.stat().st_mtime
         for key, rows in table.groupby(CELL, sort=False):
             candidates[key].append((mtime, str(file), rows))

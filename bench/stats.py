@@ -73,18 +73,27 @@ class Paired:
 
 
 def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
-    """Refuse to pair methods trained for different numbers of iterations: that compares budgets,
-    not methods (results of unknown budget, from snapshots that predate the column, are not checked)."""
-    if "iterations" not in sub.columns:
-        return
-    known = sub.dropna(subset=["iterations"])
-    budgets = known.groupby("method")["iterations"].agg(lambda v: sorted({int(x) for x in v}))
-    if len({tuple(b) for b in budgets}) > 1 or any(len(b) > 1 for b in budgets):
-        listing = "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in budgets.items())
-        raise ValueError(f"{dataset} {shots}-shot: methods were trained for different numbers of iterations "
-                         f"({listing}); a comparison needs equal budgets. Keep one budget with "
-                         f"`--iterations N` (bench leaderboard / bench report), or re-run the cells with the "
-                         f"same --iterations.")
+    """Refuse to pair methods trained for different numbers of iterations, or tuned against untuned
+    ones: that compares budgets, not methods. Results of unknown budget (snapshots that predate these
+    columns) are not checked."""
+    from bench.results import params_kind
+
+    def refuse(what, listing, option):
+        raise ValueError(f"{dataset} {shots}-shot: methods differ in {what} ({listing}); a comparison needs "
+                         f"equal budgets. Keep one with `{option}` (bench leaderboard / bench report), or "
+                         f"re-run the cells alike.")
+    if "iterations" in sub.columns:
+        budgets = sub.dropna(subset=["iterations"]).groupby("method")["iterations"].agg(
+            lambda v: sorted({int(x) for x in v}))
+        if len({tuple(b) for b in budgets}) > 1 or any(len(b) > 1 for b in budgets):
+            refuse("training iterations", "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in budgets.items()),
+                   "--iterations N")
+    if "params_source" in sub.columns:
+        kinds = sub["params_source"].map(params_kind)
+        kinds = kinds[kinds != "unknown"].groupby(sub["method"]).agg(lambda v: sorted(set(v)))
+        if len({tuple(k) for k in kinds}) > 1 or any(len(k) > 1 for k in kinds):
+            refuse("hyper-parameters (tuned vs default)",
+                   "; ".join(f"{m}: {', '.join(k)}" for m, k in kinds.items()), "--params default|tuned")
 
 
 def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice",

@@ -139,7 +139,7 @@ def test_unequal_budgets_are_refused_and_one_budget_can_be_selected(tmp_path):
 
     df = synthetic_results(repeats=2, cases=3)
     df.loc[df.method == "lora", "iterations"] = 30
-    with pytest.raises(ValueError, match=r"different numbers of iterations \(dgst: 60; full: 60; lora: 30\).*--iterations"):
+    with pytest.raises(ValueError, match=r"training iterations \(dgst: 60; full: 60; lora: 30\).*--iterations"):
         stats.paired_table(df, "phantom", 1)
     snap = write_snapshot(df, tmp_path / "mixed.csv")
     kept = load_results(snap, iterations=60)
@@ -151,3 +151,15 @@ def test_unequal_budgets_are_refused_and_one_budget_can_be_selected(tmp_path):
     legacy = read_snapshot(old)
     assert legacy.iterations.isna().all() and (legacy.params_source == "unknown").all()
     stats.paired_table(legacy, "phantom", 1)
+
+
+def test_tuned_and_default_hyper_parameters_are_not_compared(tmp_path):
+    from bench.results import load_results, write_snapshot
+
+    df = synthetic_results(repeats=2, cases=3)
+    df.loc[df.method == "lora", "params_source"] = "lora-phantom-1shot-v1"
+    with pytest.raises(ValueError, match=r"tuned vs default\) \(dgst: default; full: default; lora: tuned\).*--params"):
+        stats.paired_table(df, "phantom", 1)
+    snap = write_snapshot(df, tmp_path / "mixed.csv")
+    assert set(load_results(snap, params="default").method) == {"dgst", "full"}
+    assert set(load_results(snap, params="tuned").method) == {"lora"}

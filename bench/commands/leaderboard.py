@@ -17,6 +17,9 @@ def register(sub) -> None:
     p.add_argument("--iterations", type=int, default=None,
                    help="only results trained for this many iterations (methods are compared at equal budgets; "
                         "results of different budgets are refused)")
+    p.add_argument("--params", choices=["default", "tuned"], default=None,
+                   help="only results with default or only with tuned hyper-parameters (tuned and untuned "
+                        "methods are not compared)")
     p.set_defaults(func=main)
 
 
@@ -27,7 +30,7 @@ def main(args) -> int:
 
     if not args.from_snapshot:
         sources = args.results or [bench_home() / "runs"]
-        df = load_results(sources, iterations=args.iterations)
+        df = load_results(sources, iterations=args.iterations, params=args.params)
         if df.empty:
             raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; "
                              "run `bench run` first, or use --from-snapshot")
@@ -35,6 +38,9 @@ def main(args) -> int:
     df = read_snapshot(args.snapshot)
     if args.iterations is not None:
         df = df[df["iterations"] == args.iterations]
+    if args.params is not None:
+        from bench.results import params_kind
+        df = df[df["params_source"].map(params_kind) == args.params]
     for path in write_leaderboards(df, args.out):
         print(f"wrote {path}")
     return 0

@@ -16,6 +16,9 @@ def register(sub) -> None:
     p.add_argument("--iterations", type=int, default=None,
                    help="only results trained for this many iterations (methods are compared at equal budgets; "
                         "results of different budgets are refused)")
+    p.add_argument("--params", choices=["default", "tuned"], default=None,
+                   help="only results with default or only with tuned hyper-parameters (tuned and untuned "
+                        "methods are not compared)")
     p.set_defaults(func=main)
 
 
@@ -27,7 +30,7 @@ def main(args) -> int:
     from bench.results import load_results
 
     sources = args.results or [bench_home() / "runs"]
-    df = load_results(sources, iterations=args.iterations)
+    df = load_results(sources, iterations=args.iterations, params=args.params)
     if df.empty:
         raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; run `bench run` first")
     out = args.out or bench_home() / "reports" / time.strftime("%Y%m%d-%H%M%S")
