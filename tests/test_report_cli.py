@@ -18,7 +18,7 @@ def write_runs(df, runs: Path, **extra) -> list:
         result = {
             "schema_version": 1, "run_id": f"{method}{shots}{repeat}", "code_version": "0.1.0",
             "spec": {"method": method, "dataset": dataset, "shots": int(shots), "repeat": int(repeat), "seed": 0,
-                     "iterations": 60, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 3e-5, "hparams": {},
+                     "iterations": int(first.iterations), "params_source": first.params_source, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 3e-5, "hparams": {},
                      "foundation": "phantom-v1", "protocol_version": "v1", "device": "cpu"},
             "support": ["ph_010"], "test": list(rows.case_id),
             "cost": {"train_seconds": float(first.train_seconds), "step_seconds_median": 0.4,
@@ -130,3 +130,17 @@ def test_report_files_are_deterministic(tmp_path):
     assert len(files) > 8
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
+def test_leaderboard_refuses_unequal_budgets_and_selects_one(home, tmp_path, capsys):
+    df = synthetic_results(repeats=2, cases=3)
+    write_runs(df, tmp_path / "runs")
+    lora = df[df.method == "lora"]
+    write_runs(lora.assign(iterations=120, repeat=lora.repeat + 10), tmp_path / "runs120")  # extra lora repeats
+    args = ["leaderboard", "--results", str(tmp_path / "runs"), str(tmp_path / "runs120"),
+            "--snapshot", str(tmp_path / "snap.csv"), "--out", str(tmp_path / "lb")]
+    assert main(args) == 2
+    assert "training iterations (dgst: 60; full: 60; lora: 60, 120)" in capsys.readouterr().err
+    assert main(args + ["--iterations", "60"]) == 0
+    md = (tmp_path / "lb" / "phantom.md").read_text()
+    assert "| iterations | hyper-parameters |" in md and "| 60 | default |" in md

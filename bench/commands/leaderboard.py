@@ -1,6 +1,8 @@
 """``bench leaderboard``: regenerate ``leaderboards/`` from tracked results, never by hand."""
 from __future__ import annotations
 
+from bench.commands import add_budget_selection
+
 
 def register(sub) -> None:
     p = sub.add_parser("leaderboard", help="regenerate the leaderboards (markdown, csv, png)",
@@ -14,12 +16,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="leaderboards", help="output directory (default: leaderboards)")
     p.add_argument("--from-snapshot", action="store_true",
                    help="render from --snapshot without collecting results")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="only results trained for this many iterations (methods are compared at equal budgets; "
-                        "results of different budgets are refused)")
-    p.add_argument("--params", choices=["default", "tuned"], default=None,
-                   help="only results with default or only with tuned hyper-parameters (tuned and untuned "
-                        "methods are not compared)")
+    add_budget_selection(p)
     p.set_defaults(func=main)
 
 

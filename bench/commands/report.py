@@ -1,6 +1,8 @@
 """``bench report``: statistics report (tables, tests, figures) from collected results."""
 from __future__ import annotations
 
+from bench.commands import add_budget_selection
+
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="write the statistics report (paired tests, CIs, ranks, figures)",
@@ -13,12 +15,7 @@ def register(sub) -> None:
                    help="result directories, result.json files or snapshot CSVs (default: $BENCH_HOME/runs)")
     p.add_argument("--out", default=None, help="output directory (default: $BENCH_HOME/reports/<timestamp>)")
     p.add_argument("--tracking-uri", default=None, help="also log the report to this MLflow tracking URI")
-    p.add_argument("--iterations", type=int, default=None,
-                   help="only results trained for this many iterations (methods are compared at equal budgets; "
-                        "results of different budgets are refused)")
-    p.add_argument("--params", choices=["default", "tuned"], default=None,
-                   help="only results with default or only with tuned hyper-parameters (tuned and untuned "
-                        "methods are not compared)")
+    add_budget_selection(p)
     p.set_defaults(func=main)
 
 

@@ -41,8 +41,9 @@ def main(args) -> int:
     shots = _csv(shots, int) if isinstance(shots, str) else [int(s) for s in shots]
     for d in datasets:
         DATASETS.get(d)
+    extra = {k: int(cfg[k]) for k in ("seed", "eval_every") if k in cfg}  # sweep-file only
     specs = grid(methods, datasets, shots, range(int(pick("repeats", 5))), iterations=int(pick("iterations", 60)),
-                 foundation=pick("foundation", None), device=args.device)
+                 foundation=pick("foundation", None), device=args.device, **extra)
     trials = int(pick("tune_trials", 0))
     if args.dry_run:
         est = estimate_seconds(specs, trials)
