@@ -103,6 +103,15 @@ def _pin_gpu(queue) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
 
 
+def _share_cpus(threads: int) -> None:
+    """Local-executor worker initializer on a CPU-only machine: the cores are split between the
+    workers. Left alone, every worker's torch takes all cores and parallel cells run slower than
+    one at a time (measured: 2 workers on 2 cores, 194 s vs 106 s wall for 6 cells)."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+
+
 def _submit_local(todo, tracking_uri, workers, tune_trials):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -115,6 +124,8 @@ def _submit_local(todo, tracking_uri, workers, tune_trials):
         for i in range(workers):
             q.put(i)
         kwargs = {"initializer": _pin_gpu, "initargs": (q,)}
+    elif workers > 1:
+        kwargs = {"initializer": _share_cpus, "initargs": (max(1, (os.cpu_count() or 1) // workers),)}
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **kwargs)
     futures = {pool.submit(run_cell, asdict(s), tracking_uri, tune_trials): s for s in todo}
     from concurrent.futures import as_completed

@@ -81,3 +81,18 @@ def test_failed_cell_does_not_stop_others(bench_home, tiny_foundation):
     status = {o.key: o.status for o in outcomes}
     assert status == {"dgst/phantom/1shot/r0": "done", "dgst/phantom/1shot/r99": "failed"}
     assert any("FAILED dgst/phantom/1shot/r99" in line and "repeats 0..4" in line for line in lines)
+
+
+def test_cpu_workers_split_the_cores(monkeypatch):
+    import torch
+
+    from bench.sweep import _share_cpus
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "2")  # restored after the test
+    before = torch.get_num_threads()
+    try:
+        _share_cpus(1)
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
