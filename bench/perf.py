@@ -449,7 +449,8 @@ def _selection_benchmark(full_state, spec, loss, batch, device, reps, log) -> Di
 
 
 def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[str], steps: int, warmup: int,
-                    selection_reps: int, seed: int = 0, log: Callable[[str], None] = print) -> NetworkResult:
+                    selection_reps: int, seed: int = 0, log: Callable[[str], None] = print,
+                    memory_reps: int = 1) -> NetworkResult:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from bench.engine.network import build_network
@@ -510,11 +511,27 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
                     log(f"  {name}: {errors[name]}")
                     continue
                 peak = states[name]["peak_bytes"]
+                states[name]["peak_samples"] = [peak]
                 log(f"  {name}: set up and {warmup} warm-up steps in {time.perf_counter() - t0:.1f}s, peak "
                     + (f"{peak / 2**20:.0f} MiB" if peak is not None else "n/a"))
+            # 2b. more memory windows, rotating the order: a resident-set peak moves by tens of MiB with
+            #     what the allocator happens to reuse, so the table reports the median window.
+            for rep in range(1, memory_reps):
+                alive = [n for n in methods if n in states]
+                for name in alive[rep % len(alive):] + alive[:rep % len(alive)]:
+                    extra = _setup_method(name, spec, foundation, device, seed, loss, batch, shell, meter, warmup)
+                    states[name]["peak_samples"].append(extra["peak_bytes"])
+                    del extra  # with the shell's references, so the next window does not reuse its memory
+                    shell.network = shell.method = shell.optimizer = shell.loss = shell.ctx = None
+                    shell.dataloader_train = shell.dataloader_val = None
+                    release_freed_memory()
+                log(f"  memory windows {rep + 1}/{memory_reps} done")
         finally:
             gc.unfreeze()
         shell.network = shell.method = shell.optimizer = None
+        for st in states.values():
+            samples = [b for b in st["peak_samples"] if b is not None]
+            st["peak_bytes"] = statistics.median(samples) if samples else None
 
         # 3. interleaved timing
         contestants = [_Contestant(n, s["run"]) for n, s in states.items()]
@@ -576,6 +593,7 @@ class PerfReport:
     seed: int
     networks: List[NetworkResult]
     memory_method: str
+    memory_reps: int = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -599,12 +617,13 @@ def device_description(device: torch.device) -> Tuple[str, str]:
 
 def default_settings(device: torch.device) -> Dict[str, int]:
     """CPU: a quick look (a few minutes); CUDA: enough rounds for a stable median."""
-    return {"steps": 8, "warmup": 2, "selection_reps": 3} if device.type != "cuda" else \
-        {"steps": 20, "warmup": 3, "selection_reps": 10}
+    return {"steps": 8, "warmup": 2, "selection_reps": 3, "memory_reps": 3} if device.type != "cuda" else \
+        {"steps": 20, "warmup": 3, "selection_reps": 10, "memory_reps": 1}  # the CUDA allocator's peak is exact
 
 
 def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Sequence[str], steps: int,
-             warmup: int, selection_reps: int, seed: int = 0, log: Callable[[str], None] = print) -> PerfReport:
+             warmup: int, selection_reps: int, seed: int = 0, log: Callable[[str], None] = print,
+             memory_reps: int = 1) -> PerfReport:
     from bench.runner import versions
 
     if warmup < 2:
@@ -612,8 +631,11 @@ def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Seq
                          "first with the optimizer state alive during forward and backward")
     if steps < 1:
         raise ValueError("--steps must be >= 1")
+    if memory_reps < 1:
+        raise ValueError("--memory-reps must be >= 1")
     name, slug = device_description(device)
-    results = [measure_network(spec, device, methods, steps, warmup, selection_reps, seed, log) for spec in networks]
+    results = [measure_network(spec, device, methods, steps, warmup, selection_reps, seed, log, memory_reps)
+               for spec in networks]
     memory_method = ("torch.cuda.max_memory_allocated above the allocation at the window's start "
                      "(reset_peak_memory_stats per method)" if device.type == "cuda" else
                      "resident-set high-water mark (VmHWM, reset via /proc/self/clear_refs) above the resident "
@@ -621,7 +643,7 @@ def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Seq
     return PerfReport(device=device.type, device_name=name, device_slug=slug,
                       date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), versions=versions(),
                       threads=torch.get_num_threads(), steps=steps, warmup=warmup, selection_reps=selection_reps,
-                      seed=seed, networks=results, memory_method=memory_method)
+                      seed=seed, networks=results, memory_method=memory_method, memory_reps=memory_reps)
 
 
 def _fmt(v, spec: str = ".3f", none: str = "n/a") -> str:
@@ -703,8 +725,8 @@ def _header(report: PerfReport) -> List[str]:
             f"'x full' and harness/stock are medians of within-round ratios",
             f"step: bench.engine.step.training_step, nnU-Net SGD (momentum 0.99, nesterov, weight decay 3e-5), "
             f"nnU-Net loss (nnUNetTrainer._build_loss: Dice + CE, deep supervision), random data and labels, {amp}",
-            f"peak memory: per method, from before its network is built to the end of its warm-up steps; "
-            f"{report.memory_method}",
+            f"peak memory: per method, from before its network is built to the end of its warm-up steps, median "
+            f"of {report.memory_reps} such window(s) in rotating order; {report.memory_method}",
             "changed: entries of the exported weights that differ after warm-up + timed steps "
             "(random 'foundation' weights)"]
 
@@ -794,6 +816,7 @@ def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional
     with mlflow.start_run(run_name=f"perf-{report.device_slug}", tags=tags) as run:
         params = {"device": report.device, "device_name": report.device_name[:500], "steps": report.steps,
                   "warmup": report.warmup, "selection_reps": report.selection_reps, "seed": report.seed,
+                  "memory_reps": report.memory_reps,
                   "threads": report.threads, "memory_method": report.memory_method[:500],
                   **{f"versions.{k}": v for k, v in report.versions.items()}}
         for net in report.networks:

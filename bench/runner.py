@@ -227,7 +227,8 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
               "weight_decay": spec.weight_decay, "eval_every": spec.eval_every, "batch_size": spec.batch_size}
     log(f"{spec.method}: {spec.dataset} {spec.shots}-shot repeat {spec.repeat} (protocol {protocol.version}); "
         f"support {', '.join(split.support)}; foundation {foundation.name}; device {dev.type}; "
-        f"{spec.iterations} iterations, lr {lr:g}, {spec.optimizer}")
+        f"{spec.iterations} iterations, lr {lr:g}, {spec.optimizer}; hyper-parameters {spec.params_source}"
+        + (f" ({method.describe()})" if method.hp else ""))
     init_state = foundation.state_dict if method.uses_foundation else None
     outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
                             configuration=foundation.configuration, method=method,

@@ -21,6 +21,8 @@ def register(sub) -> None:
                         "56 192 160 on CUDA, 16 64 64 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 2; 1 for the default network on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 8 on CPU, 20 on CUDA)")
+    p.add_argument("--memory-reps", type=int, default=None,
+                   help="memory windows per method (set-up + warm-up), median reported (default: 3 CPU, 1 CUDA)")
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up steps per method, >= 2; peak memory is taken over them (default: 2 CPU, 3 CUDA)")
     p.add_argument("--selection-reps", type=int, default=None,
@@ -48,10 +50,11 @@ def main(args) -> int:
     steps = args.steps if args.steps is not None else d["steps"]
     warmup = args.warmup if args.warmup is not None else d["warmup"]
     reps = args.selection_reps if args.selection_reps is not None else d["selection_reps"]
+    memory_reps = args.memory_reps if args.memory_reps is not None else d["memory_reps"]
     for s in specs:
         print(f"{s.key} network: patch {'x'.join(map(str, s.patch))}, batch {s.batch}")
     print(f"methods ({len(methods)}): {', '.join(methods)}; {steps} timed rounds, {warmup} warm-up steps")
-    report = run_perf(specs, device, methods, steps, warmup, reps, seed=args.seed)
+    report = run_perf(specs, device, methods, steps, warmup, reps, seed=args.seed, memory_reps=memory_reps)
     files = write_report(report, args.out, suffix="-tiny-test" if args.tiny_test else "")
     run_id = log_report(report, files, args.tracking_uri)
     print()
