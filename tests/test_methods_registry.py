@@ -123,11 +123,12 @@ X = torch.randn(2, 1, *DATA, generator=torch.Generator().manual_seed(2))
 
 
 @lru_cache(maxsize=None)
-def trained(name: str, arch: str) -> Trained:
+def trained(name: str, arch: str, hparams: tuple = ()) -> Trained:
+    """``name`` (with ``hparams``, sorted (key, value) pairs) prepared and trained for STEPS steps."""
     net = foundation_network(arch)
     foundation = copy.deepcopy(net.state_dict())
     out_foundation = forward(net, X)
-    method = get_method(name)
+    method = get_method(name, **dict(hparams))
     ctx = MethodContext(foundation_state=foundation, seed=0, extra={"architecture": architecture(plans_for(arch))})
     net = method.prepare(net, ctx)
     data = batches()
@@ -193,7 +194,11 @@ def test_prepare_starts_from_the_foundation_or_declares_it(name, arch):
 
 @pytest.mark.parametrize("name,arch", CASES)
 def test_export_loads_into_stock_nnunet_with_the_same_output(name, arch):
-    t = trained(name, arch)
+    assert_export_round_trip(trained(name, arch), arch)
+
+
+def assert_export_round_trip(t: Trained, arch: str) -> None:
+    name = t.method.name
     state, override = t.method.export(t.net)
     plans = plans_for(arch)
     if override is not None:
@@ -205,6 +210,22 @@ def test_export_loads_into_stock_nnunet_with_the_same_output(name, arch):
     stock = build_network(plans, DATASET_JSON)  # what nnU-Net's predictor builds from plans.json
     stock.load_state_dict(state, strict=True)
     assert torch.allclose(forward(stock, X), forward(t.net, X), atol=1e-5), f"{name}: exported output differs"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_configurations_the_tuner_samples_train_and_export(name):
+    """`bench tune` then `bench run --params tuned` works for every method: what the tuner samples
+    (lr, iterations and the method's own search space) builds, changes the output and exports."""
+    from bench.tuning import suggest
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        fields, hparams = suggest(study.ask(), METHODS.get(name), iterations=STEPS, tune_iterations=True)
+        assert fields["lr"] > 0 and fields["iterations"] >= 1
+        t = trained(name, "plain", tuple(sorted(hparams.items())))
+        assert t.method.hp == {**METHODS.get(name).defaults, **hparams}
+        assert not torch.allclose(forward(t.net, X), t.out_prepared), f"{name} {hparams}: output unchanged"
+        assert_export_round_trip(t, "plain")
 
 
 @pytest.mark.parametrize("name", METHODS.names())
