@@ -204,12 +204,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
 
     configure_nnunet_env()
     method = get_method(spec.method, **spec.hparams)
-    dataset = get_dataset(spec.dataset)
-    if not dataset.is_prepared():
-        if dataset.needs_source:
-            raise FileNotFoundError(f"dataset {spec.dataset} is not prepared; run "
-                                    f"`bench datasets prepare {spec.dataset} --source DIR` first")
-        dataset.prepare()
+    dataset = get_dataset(spec.dataset).ensure_prepared()
     protocol = Protocol.load(spec.dataset, spec.protocol_version)
     protocol.check(dataset.case_ids())
     split = protocol.split(spec.shots, spec.repeat)

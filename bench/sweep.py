@@ -184,8 +184,8 @@ def _prepare_shared_inputs(specs: List[RunSpec], log: Callable, tracking_uri: Op
     _mlflow(tracking_uri)  # MLflow creates its SQLite schema on first use; two workers doing it collide
     for name in sorted({s.dataset for s in specs}):
         ds = get_dataset(name)
-        if not ds.is_prepared() and not ds.needs_source:
-            ds.prepare()
+        if not ds.needs_source:  # a missing release is each cell's own, reported failure
+            ds.ensure_prepared()
     if any(s.foundation is None for s in specs):
         get_phantom_foundation(log=log, device=specs[0].device)
 

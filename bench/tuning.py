@@ -571,12 +571,7 @@ def _preflight(dataset: str, foundation: Optional[str], device: str, log: Callab
     """Prepare the dataset and foundation once, loudly, so trials do not all fail on them."""
     from bench.datasets import get_dataset
     from bench.foundation import get_phantom_foundation, load_foundation
-    ds = get_dataset(dataset)
-    if not ds.is_prepared():
-        if ds.needs_source:
-            raise FileNotFoundError(f"dataset {dataset} is not prepared; run "
-                                    f"`bench datasets prepare {dataset} --source DIR` first")
-        ds.prepare()
+    get_dataset(dataset).ensure_prepared()
     if foundation:
         load_foundation(foundation)
     else:

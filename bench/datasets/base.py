@@ -42,6 +42,15 @@ class Dataset:
     def prepare(self, source: Optional[Path] = None, **options) -> Path:
         raise NotImplementedError
 
+    def ensure_prepared(self) -> "Dataset":
+        """Before a run: a generated dataset is prepared on first use; a release needs the user's copy."""
+        if not self.is_prepared():
+            if self.needs_source:
+                raise FileNotFoundError(f"dataset {self.name} is not prepared; run "
+                                        f"`bench datasets prepare {self.name} --source DIR` first")
+            self.prepare()
+        return self
+
     def case_ids(self) -> List[str]:
         lab = self.raw_dir() / "labelsTr"
         return sorted(p.name[: -len(".nii.gz")] for p in lab.glob("*.nii.gz"))
