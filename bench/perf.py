@@ -303,8 +303,9 @@ def count_entries(state: Dict[str, torch.Tensor], aliases: set) -> int:
 
 def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], aliases: set) -> int:
     """Entries that differ between two exports, each tensor counted once (keys present in both)."""
-    return int(sum(int((v != after[k].to(v.device)).sum()) for k, v in before.items()
-                   if k not in aliases and v.is_floating_point() and k in after and after[k].shape == v.shape))
+    from bench.runner import count_changed as count_changed_over
+    return count_changed_over(before, after, [k for k, v in before.items() if k not in aliases
+                                               and v.is_floating_point() and k in after and after[k].shape == v.shape])
 
 
 def _context(spec: NetworkSpec, foundation, device, seed):

@@ -48,13 +48,27 @@ def params_kind(source: str) -> str:
     return source if source in ("default", "unknown") else "tuned"
 
 
-def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Optional[int] = None,
-                 params: Optional[str] = None) -> pd.DataFrame:
-    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``. ``iterations`` keeps
-    only results trained for that many iterations, ``params`` (``default`` / ``tuned``) only results with
-    such hyper-parameters; both select before duplicates of a cell are resolved."""
+def _check_params(params: Optional[str]) -> None:
     if params not in (None, "default", "tuned"):
         raise ValueError(f"params must be 'default' or 'tuned', not {params!r}")
+
+
+def select_budget(df: pd.DataFrame, iterations: Optional[int] = None, params: Optional[str] = None) -> pd.DataFrame:
+    """Rows trained for ``iterations`` iterations and with ``params`` (``default`` / ``tuned``)
+    hyper-parameters; ``None`` keeps every value."""
+    _check_params(params)
+    if iterations is not None:
+        df = df[df["iterations"].astype("Int64") == int(iterations)]
+    if params is not None:
+        df = df[df["params_source"].map(params_kind) == params]
+    return df
+
+
+def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Optional[int] = None,
+                 params: Optional[str] = None) -> pd.DataFrame:
+    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``. ``iterations`` and
+    ``params`` keep one budget (``select_budget``), selected before duplicates of a cell are resolved."""
+    _check_params(params)  # before any file is read
     if isinstance(paths_or_dirs, (str, Path)):
         paths_or_dirs = [paths_or_dirs]
     candidates = defaultdict(list)  # cell key -> [(mtime, file, rows), ...]
@@ -62,10 +76,7 @@ def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Opt
         table = read_snapshot(file) if file.suffix == ".csv" else _read_result(file)
         if table is None:
             continue
-        if iterations is not None:
-            table = table[table["iterations"].astype("Int64") == int(iterations)]
-        if params is not None:
-            table = table[table["params_source"].map(params_kind) == params]
+        table = select_budget(table, iterations, params)
         mtime = file.stat().st_mtime
         for key, rows in table.groupby(CELL, sort=False):
             candidates[key].append((mtime, str(file), rows))

@@ -78,22 +78,19 @@ def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
     columns) are not checked."""
     from bench.results import params_kind
 
-    def refuse(what, listing, option):
-        raise ValueError(f"{dataset} {shots}-shot: methods differ in {what} ({listing}); a comparison needs "
-                         f"equal budgets. Keep one with `{option}` (bench leaderboard / bench report), or "
-                         f"re-run the cells alike.")
+    def require_one(values: pd.Series, what: str, option: str) -> None:
+        """Every method must have the same single value (missing values are not checked)."""
+        per_method = values.dropna().groupby(sub["method"]).agg(lambda v: sorted(set(v)))
+        if len({tuple(v) for v in per_method}) > 1 or any(len(v) > 1 for v in per_method):
+            listing = "; ".join(f"{m}: {', '.join(map(str, v))}" for m, v in per_method.items())
+            raise ValueError(f"{dataset} {shots}-shot: methods differ in {what} ({listing}); a comparison needs "
+                             f"equal budgets. Keep one with `{option}` (bench leaderboard / bench report), or "
+                             f"re-run the cells alike.")
     if "iterations" in sub.columns:
-        budgets = sub.dropna(subset=["iterations"]).groupby("method")["iterations"].agg(
-            lambda v: sorted({int(x) for x in v}))
-        if len({tuple(b) for b in budgets}) > 1 or any(len(b) > 1 for b in budgets):
-            refuse("training iterations", "; ".join(f"{m}: {', '.join(map(str, b))}" for m, b in budgets.items()),
-                   "--iterations N")
+        require_one(sub["iterations"].astype("Int64"), "training iterations", "--iterations N")
     if "params_source" in sub.columns:
         kinds = sub["params_source"].map(params_kind)
-        kinds = kinds[kinds != "unknown"].groupby(sub["method"]).agg(lambda v: sorted(set(v)))
-        if len({tuple(k) for k in kinds}) > 1 or any(len(k) > 1 for k in kinds):
-            refuse("hyper-parameters (tuned vs default)",
-                   "; ".join(f"{m}: {', '.join(k)}" for m, k in kinds.items()), "--params default|tuned")
+        require_one(kinds.where(kinds != "unknown"), "hyper-parameters (tuned vs default)", "--params default|tuned")
 
 
 def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice",

@@ -23,7 +23,7 @@ def register(sub) -> None:
 def main(args) -> int:
     from bench.home import bench_home
     from bench.leaderboard import write_leaderboards
-    from bench.results import load_results, read_snapshot, write_snapshot
+    from bench.results import load_results, read_snapshot, select_budget, write_snapshot
 
     if not args.from_snapshot:
         sources = args.results or [bench_home() / "runs"]
@@ -32,12 +32,7 @@ def main(args) -> int:
             raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; "
                              "run `bench run` first, or use --from-snapshot")
         print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
-    df = read_snapshot(args.snapshot)
-    if args.iterations is not None:
-        df = df[df["iterations"] == args.iterations]
-    if args.params is not None:
-        from bench.results import params_kind
-        df = df[df["params_source"].map(params_kind) == args.params]
+    df = select_budget(read_snapshot(args.snapshot), args.iterations, args.params)
     for path in write_leaderboards(df, args.out):
         print(f"wrote {path}")
     return 0

@@ -12,12 +12,14 @@ from typing import Dict
 
 import torch
 
+from bench.methods.dgst.selection import as_rows
+
 
 def released_selection(grads: Dict[str, torch.Tensor], gamma: int = 2,
                        fill_mask: bool = False) -> Dict[str, torch.Tensor]:
     masks: Dict[str, torch.Tensor] = {}
     for name, g in grads.items():
-        rows = g.detach().reshape(g.shape[0], -1) if g.dim() > 1 else g.detach().reshape(1, -1)
+        rows = as_rows(g)
         row_length = rows.shape[1]
         eye = torch.eye(row_length, device=g.device)
         order = torch.argsort(rows.abs(), dim=1, descending=True)

@@ -24,7 +24,8 @@ def entries_per_row(gamma: float, row_length: int) -> int:
     return max(1, min(k, row_length))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as (kernels, entries per kernel); a 1-D tensor is one row."""
     return t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(1, -1)
 
 
@@ -36,12 +37,12 @@ def _flat_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def topk_indices(grad: torch.Tensor, gamma: float) -> torch.Tensor:
-    rows = _rows(grad)
+    rows = as_rows(grad)
     return _flat_topk(rows.abs(), entries_per_row(gamma, rows.shape[1]))
 
 
 def random_indices(like: torch.Tensor, gamma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    rows = _rows(like)
+    rows = as_rows(like)
     scores = torch.rand(rows.shape, generator=generator, device="cpu").to(rows.device)
     return _flat_topk(scores, entries_per_row(gamma, rows.shape[1]))
 
