@@ -2,9 +2,13 @@
 
 A foundation folder is nnU-Net's trained-model layout: ``plans.json``,
 ``dataset.json`` and ``fold_<k>/checkpoint_final.pth`` (a folder holding the
-checkpoint next to the json files also works). The phantom foundation is built
-reproducibly by ``bench foundation build`` (same recipe and seed) and cached in
-``$BENCH_HOME/foundations/``.
+checkpoint next to the json files also works).
+
+The phantom foundation ships with the package (``bench/pretrained/<recipe name>/``:
+weights only, its recipe, the command that rebuilt it and its Dice on held-out
+source cases), so no run pretrains on first use. ``bench foundation build
+--rebuild`` rebuilds it from the same recipe and seed into
+``$BENCH_HOME/foundations/``, which then takes precedence over the shipped copy.
 """
 from __future__ import annotations
 
@@ -21,9 +25,14 @@ from bench.home import subdir
 
 CHECKPOINT = "checkpoint_final.pth"
 
-# The recipe of the phantom foundation. Changing it changes the model: bump the name.
-PHANTOM_RECIPE = {"name": "phantom-v1", "iterations": 200, "lr": 1e-2, "optimizer": "adamw",
-                  "weight_decay": 3e-5, "seed": 0, "eval_every": 50}
+# The recipe of the phantom foundation (plans included). Changing it changes the model: bump the name.
+PHANTOM_RECIPE = {"name": "phantom-v2", "iterations": 300, "lr": 1e-2, "optimizer": "adamw",
+                  "weight_decay": 3e-5, "seed": 0, "eval_every": 50,
+                  "plans": {"patch_size": [24, 48, 48], "spacing": [3.0, 2.0, 2.0], "features": [8, 16, 32, 64],
+                            "batch_size": 2}}
+SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
+REBUILD_COMMAND = "bench foundation build --rebuild --into bench/pretrained/{name}"
+SOURCE_VAL_CASES = 8  # the last source cases: held out from pretraining, scored after it
 # Intensity statistics for CT normalisation, measured on the source phantom's body voxels
 # (nnU-Net would use label voxels only, which for small nodes would clip away all anatomy).
 PHANTOM_INTENSITY = {"max": 900.0, "mean": 40.0, "median": 45.0, "min": -1000.0,
@@ -110,20 +119,38 @@ def phantom_foundation_dir(recipe: dict = PHANTOM_RECIPE) -> Path:
     return subdir("foundations") / recipe["name"]
 
 
+def shipped_foundation_dir(recipe: dict = PHANTOM_RECIPE) -> Optional[Path]:
+    """The committed copy of this recipe's foundation, if the package holds one built from exactly it."""
+    folder = SHIPPED_DIR / recipe["name"]
+    info = folder / "bench.json"
+    if info.is_file() and json.loads(info.read_text()).get("recipe") == recipe:
+        return folder
+    return None
+
+
 def get_phantom_foundation(log=print, recipe: dict = PHANTOM_RECIPE, device: str = "auto",
                            rebuild: bool = False) -> Foundation:
+    """A rebuilt copy in $BENCH_HOME first, else the shipped one, else build it now (and cache it)."""
     folder = phantom_foundation_dir(recipe)
     if rebuild and folder.exists():
         shutil.rmtree(folder)
     if not (folder / "bench.json").is_file():
+        shipped = None if rebuild else shipped_foundation_dir(recipe)
+        if shipped is not None:
+            return load_foundation(shipped)
         build_phantom_foundation(folder, recipe, log=log, device=device)
     return load_foundation(folder)
 
 
-def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto") -> Path:
-    """Pretrain the tiny foundation on the phantom source domain from a seeded random init."""
-    from bench.datasets.phantom import PhantomSource
+def phantom_plans(recipe: dict, dataset_name: str) -> dict:
     from bench.engine.network import tiny_plans
+    return tiny_plans(dataset_name, intensity=PHANTOM_INTENSITY, **recipe.get("plans", {}))
+
+
+def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto") -> Path:
+    """Pretrain the tiny foundation on the phantom source domain from a seeded random init, then score
+    it on the held-out source cases (recorded in bench.json, checked against the shipped copy by tests)."""
+    from bench.datasets.phantom import PhantomSource
     from bench.methods import get_method
     from bench.runner import train_network
 
@@ -131,21 +158,42 @@ def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=pr
         "cached afterwards")
     source = PhantomSource()
     source.prepare()
-    plans = tiny_plans(source.folder_name, intensity=PHANTOM_INTENSITY)
+    plans = phantom_plans(recipe, source.folder_name)
     dataset_json = json.loads((source.raw_dir() / "dataset.json").read_text())
     ids = source.case_ids()
+    train_ids, val_ids = ids[:-SOURCE_VAL_CASES], ids[-SOURCE_VAL_CASES:]
+    folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     outcome = train_network(dataset=source, plans=plans, dataset_json=dataset_json, configuration="3d_fullres",
                             method=get_method("full"), init_state=None,
-                            train_ids=ids[:-4], val_ids=ids[-4:], out_dir=tmp / "training", recipe=recipe,
+                            train_ids=train_ids, val_ids=val_ids, out_dir=tmp / "training", recipe=recipe,
                             device=device, log=log)
     save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None,
-                      extra={"recipe": recipe, "pretrain_ids": ids[:-4], "val_ids": ids[-4:],
-                             "train_seconds": outcome.train_seconds})
+                      extra={"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
+                             "pretrain_ids": train_ids, "val_ids": val_ids,
+                             "train_seconds": round(outcome.train_seconds, 1),
+                             "source_dice": source_dice(tmp, source, val_ids, device)})
     shutil.rmtree(tmp / "training", ignore_errors=True)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
     log(f"foundation saved to {folder}")
     return folder
+
+
+def source_dice(folder: Path, source, case_ids, device: str = "auto") -> Dict[str, float]:
+    """Dice per held-out source case of the model in ``folder`` (predicted with nnU-Net's predictor)."""
+    import SimpleITK as sitk
+    from bench.engine.predict import make_predictor, predict_case
+    from bench.metrics import case_metrics
+    from bench.runner import resolve_device
+
+    f = load_foundation(folder)
+    predictor = make_predictor(f.plans, f.dataset_json, f.configuration, f.state_dict, resolve_device(device))
+    out = {}
+    for cid in case_ids:
+        seg, spacing = predict_case(predictor, source.image_files(cid))
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(source.label_file(cid)))
+        out[cid] = round(float(case_metrics(seg > 0, ref > 0, spacing)["dice"]), 6)
+    return out

@@ -225,11 +225,18 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         f"{spec.iterations} iterations, lr {lr:g}, {spec.optimizer}; hyper-parameters {spec.params_source}"
         + (f" ({method.describe()})" if method.hp else ""))
     init_state = foundation.state_dict if method.uses_foundation else None
-    outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
-                            configuration=foundation.configuration, method=method,
-                            init_state=init_state, train_ids=split.support, val_ids=split.tune or split.support,
-                            out_dir=out / "training", recipe=recipe, device=dev, seed=spec.seed, log=log,
-                            epoch_callback=epoch_callback)
+    train_ids = method.training_ids(split.support, protocol.pool)
+    if set(train_ids) & set(eval_ids):
+        raise ValueError(f"{spec.method} trains on {spec.evaluate_on} cases; it cannot be evaluated on them")
+    if method.trains:
+        outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
+                                configuration=foundation.configuration, method=method,
+                                init_state=init_state, train_ids=train_ids, val_ids=split.tune or split.support,
+                                out_dir=out / "training", recipe=recipe, device=dev, seed=spec.seed, log=log,
+                                epoch_callback=epoch_callback)
+    else:
+        from bench.methods.reference import foundation_as_is
+        outcome = foundation_as_is(foundation, plans, dataset_json)
     export_plans = plans
     if outcome.arch_override:
         export_plans = json.loads(json.dumps(plans))
@@ -251,7 +258,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         "schema_version": RESULT_SCHEMA_VERSION, "run_id": spec.run_id(), "code_version": bench.__version__,
         "spec": {**asdict(spec), "lr": lr, "hparams": method.hp, "foundation": foundation.name,
                  "protocol_version": protocol.version, "device": dev.type},
-        "support": split.support, "tune": split.tune, "evaluated": spec.evaluate_on,
+        "support": split.support, "trained_on": train_ids, "tune": split.tune, "evaluated": spec.evaluate_on,
         "test": eval_ids if spec.evaluate_on == "test" else [],
         "versions": versions(),
         "cost": {"train_seconds": outcome.train_seconds,

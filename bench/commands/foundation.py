@@ -9,6 +9,9 @@ def register(sub) -> None:
     b.add_argument("--rebuild", action="store_true", help="discard the cached model first")
     b.add_argument("--iterations", type=int, default=None, help="override the recipe (for quick checks)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--into", default=None, metavar="DIR",
+                   help="write the model folder to DIR instead of the cache (the shipped copy is rebuilt with "
+                        "`bench foundation build --rebuild --into bench/pretrained/<recipe name>`)")
     b.set_defaults(func=build)
     sh = s.add_parser("show", help="print a foundation's plans summary and parameter count")
     sh.add_argument("path", nargs="?", default=None, help="nnU-Net model folder (default: phantom foundation)")
@@ -16,11 +19,16 @@ def register(sub) -> None:
 
 
 def build(args) -> int:
-    from bench.foundation import PHANTOM_RECIPE, get_phantom_foundation
+    from pathlib import Path
+
+    from bench.foundation import PHANTOM_RECIPE, build_phantom_foundation, get_phantom_foundation, load_foundation
     recipe = dict(PHANTOM_RECIPE)
     if args.iterations:
         recipe.update(iterations=args.iterations, name=f"{recipe['name']}-it{args.iterations}")
-    f = get_phantom_foundation(recipe=recipe, rebuild=args.rebuild, device=args.device)
+    if args.into:
+        f = load_foundation(build_phantom_foundation(Path(args.into), recipe, device=args.device))
+    else:
+        f = get_phantom_foundation(recipe=recipe, rebuild=args.rebuild, device=args.device)
     print(f"foundation {f.name}: {f.folder}")
     return 0
 

@@ -1,16 +1,19 @@
 """``phantom``: deterministic synthetic head-and-neck-like CT with lymph-node-like ellipsoids.
 
-Two domains share one anatomy generator:
-- source (``PhantomSource``, pretraining the tiny foundation model): spacing
-  3.0 x 1.5 x 1.5 mm, low noise, small bright nodes;
-- target (``phantom``, few-shot fine-tuning): spacing 2.5 x 1.2 x 1.2 mm,
-  scanner offset/scale, twice the noise, larger and darker nodes with a
-  hypodense (necrotic-like) core in some.
+Generator v2 (see docs/phantom.md for the full generative model). Two domains
+share one anatomy generator; what differs is drawn per domain, and much of it
+per case, so that a foundation pretrained on the source is clearly imperfect on
+the target and every extra target case teaches something the others did not:
 
-Anatomy per case (all sizes in mm, randomised from the case seed): air, an
-elliptic neck with a subcutaneous fat rim, muscle, vertebral body with marrow,
-trachea, carotid arteries and jugular veins (contrast-enhanced tubes that
-wander along z) and 2-5 nodes placed lateral/posterior to a vessel.
+- source (``PhantomSource``, pretraining the foundation): arterial phase
+  (vessels far brighter than nodes), small homogeneous nodes, low noise,
+  spacing 3.0 x 2.0 x 2.0 mm;
+- target (``phantom``, few-shot fine-tuning): late venous phase whose vessel
+  enhancement varies per case and overlaps the nodes' intensity (only shape
+  separates a vessel from a node), larger nodes of three per-case patterns
+  (homogeneous, necrotic with a hypodense core, matted conglomerates), per-case
+  noise and node contrast, a scanner offset/scale and spacing 2.5 x 1.6 x 1.6 mm.
+
 Same seed, same bytes.
 """
 from __future__ import annotations
@@ -26,30 +29,33 @@ from scipy.ndimage import gaussian_filter
 from bench.datasets import DATASETS
 from bench.datasets.base import Dataset
 
-PHANTOM_VERSION = 1  # bump when the generator's output changes
+PHANTOM_VERSION = 2  # bump when the generator's output changes
+
+Range = Tuple[float, float]
 
 
 @dataclass(frozen=True)
 class Domain:
     key: str
-    shape: Tuple[int, int, int]        # z, y, x voxels
+    shape: Tuple[int, int, int]          # z, y, x voxels
     spacing: Tuple[float, float, float]  # z, y, x mm
-    noise_hu: float
+    noise_hu: Range                      # per case
     hu_scale: float
     hu_offset: float
-    vessel_hu: float
-    node_hu: float
-    node_radius_mm: Tuple[float, float]
-    necrotic_fraction: float
+    vessel_hu: Range                     # per case: contrast phase
+    node_hu: Range                       # per case, relative to nothing (absolute HU)
+    node_radius_mm: Range
+    nodes: Tuple[int, int]               # per case, inclusive
+    patterns: Tuple[float, float, float]  # per-case probability of homogeneous / necrotic / matted nodes
     seed_offset: int
 
 
-SOURCE = Domain("source", (32, 64, 64), (3.0, 1.5, 1.5), noise_hu=10.0, hu_scale=1.0, hu_offset=0.0,
-                vessel_hu=190.0, node_hu=95.0, node_radius_mm=(5.0, 8.0), necrotic_fraction=0.0,
-                seed_offset=0)
-TARGET = Domain("target", (38, 80, 80), (2.5, 1.2, 1.2), noise_hu=22.0, hu_scale=1.08, hu_offset=25.0,
-                vessel_hu=150.0, node_hu=72.0, node_radius_mm=(6.0, 10.0), necrotic_fraction=0.4,
-                seed_offset=100_000)
+SOURCE = Domain("source", (24, 48, 48), (3.0, 2.0, 2.0), noise_hu=(8.0, 12.0), hu_scale=1.0, hu_offset=0.0,
+                vessel_hu=(230.0, 270.0), node_hu=(90.0, 100.0), node_radius_mm=(5.0, 8.0), nodes=(2, 4),
+                patterns=(1.0, 0.0, 0.0), seed_offset=0)
+TARGET = Domain("target", (28, 60, 60), (2.5, 1.6, 1.6), noise_hu=(12.0, 40.0), hu_scale=1.08, hu_offset=20.0,
+                vessel_hu=(70.0, 170.0), node_hu=(60.0, 110.0), node_radius_mm=(5.0, 10.0), nodes=(1, 4),
+                patterns=(0.4, 0.35, 0.25), seed_offset=100_000)
 
 
 def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -61,6 +67,12 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
     y = (np.arange(ny) - (ny - 1) / 2) * sy
     x = (np.arange(nx) - (nx - 1) / 2) * sx
     Z, Y, X = np.meshgrid(z, y, x, indexing="ij")
+
+    # per-case acquisition and patient: what makes one case teach something another does not
+    noise = rng.uniform(*domain.noise_hu)
+    vessel_hu = rng.uniform(*domain.vessel_hu)
+    node_hu = rng.uniform(*domain.node_hu)
+    pattern = int(rng.choice(3, p=domain.patterns))   # 0 homogeneous, 1 necrotic, 2 matted
 
     ct = np.full(domain.shape, -1000.0)
     cy, cx = rng.uniform(-3, 3, 2)
@@ -75,7 +87,8 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
     def tube(yc, xc, r, wobble):
         phase = rng.uniform(0, 2 * np.pi)
         dy = wobble * np.sin(Z / 25.0 + phase)
-        return (Y - yc - dy) ** 2 + (X - xc) ** 2 <= r ** 2
+        dx = wobble * np.cos(Z / 30.0 + phase)
+        return (Y - yc - dy) ** 2 + (X - xc - dx) ** 2 <= r ** 2
 
     spine_y = cy + rng.uniform(18, 22)
     ct[tube(spine_y, cx, 10.0, 0.5)] = 700.0
@@ -87,27 +100,37 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
         for dx, dy, r in ((18, -4, 3.5), (26, 1, 5.0)):     # carotid, jugular
             yc = cy + dy + rng.uniform(-2, 2)
             xc = cx + side * (dx + rng.uniform(-2, 2))
-            ct[tube(yc, xc, r * rng.uniform(0.9, 1.1), 1.5)] = domain.vessel_hu
+            ct[tube(yc, xc, r * rng.uniform(0.9, 1.2), 2.0)] = vessel_hu + rng.normal(0, 8)
             vessels.append((yc, xc, side))
 
     label = np.zeros(domain.shape, dtype=np.uint8)
-    for _ in range(int(rng.integers(2, 6))):
+    lo, hi = domain.nodes
+    for _ in range(int(rng.integers(lo, hi + 1))):
         yc, xc, side = vessels[int(rng.integers(len(vessels)))]
         ang = rng.uniform(-0.3, 1.2)       # lateral to posterior of the vessel
         dist = rng.uniform(9, 14)
         ny_, nx_ = yc + dist * np.sin(ang), xc + side * dist * np.cos(ang)
-        nz_ = rng.uniform(z[0] + 10, z[-1] - 10)
-        a, b, c = rng.uniform(*domain.node_radius_mm, 3) * np.array([1.3, 1.0, 1.0])
-        node = ((Z - nz_) / a) ** 2 + ((Y - ny_) / b) ** 2 + ((X - nx_) / c) ** 2 <= 1
+        nz_ = rng.uniform(z[0] + 0.3 * (z[-1] - z[0]), z[-1] - 0.3 * (z[-1] - z[0]))
+        radii = rng.uniform(*domain.node_radius_mm, 3) * np.array([1.3, 1.0, 1.0])
+        blobs = [(nz_, ny_, nx_, radii)]
+        if pattern == 2:                   # matted: 2-3 overlapping nodes, one irregular mass
+            for _ in range(int(rng.integers(1, 3))):
+                off = rng.normal(0, 1, 3)
+                off *= 0.8 * radii.mean() / (np.linalg.norm(off) + 1e-6)
+                blobs.append((nz_ + off[0], ny_ + off[1], nx_ + off[2], radii * rng.uniform(0.6, 0.9)))
+        node = np.zeros(domain.shape, bool)
+        for bz, by, bx, (a, b, c) in blobs:
+            node |= ((Z - bz) / a) ** 2 + ((Y - by) / b) ** 2 + ((X - bx) / c) ** 2 <= 1
         node &= inner
-        ct[node] = domain.node_hu + rng.normal(0, 5)
-        if rng.random() < domain.necrotic_fraction:
-            core = ((Z - nz_) / (a / 2)) ** 2 + ((Y - ny_) / (b / 2)) ** 2 + ((X - nx_) / (c / 2)) ** 2 <= 1
-            ct[core & node] = 20.0
+        ct[node] = node_hu + rng.normal(0, 5) + 10.0 * texture[node] / (texture.std() + 1e-6)
+        if pattern == 1:                   # necrotic: hypodense core, enhancing rim
+            a, b, c = radii * rng.uniform(0.45, 0.65)
+            core = ((Z - nz_) / a) ** 2 + ((Y - ny_) / b) ** 2 + ((X - nx_) / c) ** 2 <= 1
+            ct[core & node] = rng.uniform(5.0, 30.0)
         label[node] = 1
 
     ct = gaussian_filter(ct, 0.6)           # partial-volume blur
-    ct = ct * domain.hu_scale + domain.hu_offset + rng.normal(0, domain.noise_hu, domain.shape)
+    ct = ct * domain.hu_scale + domain.hu_offset + rng.normal(0, noise, domain.shape)
     return np.clip(ct, -1024, 3071).astype(np.float32), label
 
 
@@ -149,7 +172,7 @@ class PhantomSource(_PhantomBase):
     dataset_id = 901
     folder_name = "Dataset901_PhantomSource"
     domain = SOURCE
-    n_cases = 24
+    n_cases = 40
     prefix = "src"
 
 
@@ -159,6 +182,17 @@ class Phantom(_PhantomBase):
     dataset_id = 902
     folder_name = "Dataset902_PhantomTarget"
     domain = TARGET
-    n_cases = 30
+    n_cases = 60
     prefix = "ph"
-    description = "embedded synthetic target domain (30 cases, generated in seconds)"
+    description = "embedded synthetic target domain (60 cases, generated in seconds)"
+
+
+def protocol_v2() -> dict:
+    """How ``bench/protocols/phantom/v2.json`` was made (a test checks the committed file matches)."""
+    from bench.protocols import make_protocol
+    ids = [Phantom().case_id(i) for i in range(Phantom.n_cases)]
+    notes = (f"phantom generator v{PHANTOM_VERSION} (bench/datasets/phantom.py; docs/phantom.md): test = the first "
+             "30 generated target cases; pool = the other 30 (supports, tuning sets and the oracle's training set). "
+             "Results of v1 (generator v1, 10 test cases) are not comparable.")
+    return make_protocol("phantom", "v2", pool=ids[30:], test=ids[:30], shots=(1, 3, 5), repeats=5, seed=2024,
+                         notes=notes)

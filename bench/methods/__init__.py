@@ -20,6 +20,7 @@ def _load_all() -> None:
     from bench.methods import adapter  # noqa: F401
     from bench.methods import l2sp  # noqa: F401
     from bench.methods import scratch  # noqa: F401
+    from bench.methods import reference  # noqa: F401  (zero-shot, oracle)
 
 
 def get_method(name: str, **hparams) -> Method:

@@ -56,6 +56,8 @@ class Method:
     spec_overrides: ClassVar[Dict[str, Any]] = {}
     # Whether the network is initialised from the foundation weights.
     uses_foundation: ClassVar[bool] = True
+    # False: no training loop at all, the foundation is evaluated as it is (``zero-shot``).
+    trains: ClassVar[bool] = True
 
     def __init__(self, **hparams: Any):
         unknown = set(hparams) - set(self.defaults)
@@ -74,6 +76,10 @@ class Method:
 
     def on_train_start(self, trainer) -> None:
         """Called once with the trainer after data loaders exist (e.g. calibration passes)."""
+
+    def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
+        """The cases whose labels training reads: the split's support set (``oracle``: the whole pool)."""
+        return list(support)
 
     # --- per step -------------------------------------------------------------------------
     def regularizer(self, network: nn.Module) -> Optional[torch.Tensor]:

@@ -1,0 +1,59 @@
+"""Reference rows that every few-shot table is read between: the floor and the ceiling.
+
+- ``zero-shot``: the foundation as it is, no training loop at all, evaluated on
+  the same test cases. Applicable only when the target's label set is the one
+  the foundation's head was trained on (same names, same values); otherwise its
+  head would predict some other structure, and the run is refused.
+- ``oracle``: full fine-tuning on every labelled non-test case of the protocol
+  (its pool), with the same budget (iterations, batch, learning rate) as the
+  few-shot rows. It reads the tuning cases' labels too, so it cannot be tuned.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List
+
+from bench.methods import METHODS
+from bench.methods.base import Method
+from bench.methods.full import FullFineTuning
+
+
+class NotApplicable(ValueError):
+    """The method cannot be run on this (foundation, dataset) pair; the message says why."""
+
+
+@METHODS.register("zero-shot")
+class ZeroShot(Method):
+    name = "zero-shot"
+    summary = "reference (floor): the foundation as it is, no training; needs the target's label set on its head"
+    trains = False
+
+    def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
+        return []
+
+
+@METHODS.register("oracle")
+class Oracle(FullFineTuning):
+    name = "oracle"
+    summary = "reference (ceiling): full fine-tuning on the protocol's whole pool of labelled non-test cases"
+
+    def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
+        return list(pool)
+
+
+def foundation_as_is(foundation, plans: dict, dataset_json: dict):
+    """The outcome of not training: the foundation's own weights (heads included), nothing changed."""
+    from bench.runner import TrainOutcome, parameter_keys
+
+    theirs: Dict[str, int] = foundation.dataset_json["labels"]
+    ours: Dict[str, int] = dataset_json["labels"]
+    if theirs != ours:
+        raise NotApplicable(f"zero-shot is not applicable: foundation {foundation.name} segments "
+                            f"{json.dumps(theirs)}, dataset {dataset_json.get('name', '?')} has labels "
+                            f"{json.dumps(ours)}; its head would predict other structures. Fine-tune instead "
+                            "(e.g. --method linear-probe), or use a foundation trained on this label set.")
+    keys = parameter_keys(plans, dataset_json, foundation.configuration, None)
+    state = {k: v.clone() for k, v in foundation.state_dict.items()}
+    return TrainOutcome(export_state=state, arch_override=None, train_seconds=0.0, step_times=[],
+                        peak_memory_mb=None, trainable=0, total=int(sum(state[k].numel() for k in keys)),
+                        changed=0, load_report={"loaded": sorted(state), "reinitialised": []}, epoch_scores=[])
