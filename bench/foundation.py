@@ -26,9 +26,9 @@ from bench.home import subdir
 CHECKPOINT = "checkpoint_final.pth"
 
 # The recipe of the phantom foundation (plans included). Changing it changes the model: bump the name.
-PHANTOM_RECIPE = {"name": "phantom-v2", "iterations": 300, "lr": 1e-2, "optimizer": "adamw",
+PHANTOM_RECIPE = {"name": "phantom-v2", "iterations": 800, "lr": 1e-2, "optimizer": "adamw",
                   "weight_decay": 3e-5, "seed": 0, "eval_every": 50,
-                  "plans": {"patch_size": [24, 48, 48], "spacing": [3.0, 2.0, 2.0], "features": [8, 16, 32, 64],
+                  "plans": {"patch_size": [20, 40, 40], "spacing": [3.0, 2.4, 2.4], "features": [4, 8, 16, 32],
                             "batch_size": 2}}
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 REBUILD_COMMAND = "bench foundation build --rebuild --into bench/pretrained/{name}"
@@ -128,23 +128,28 @@ def shipped_foundation_dir(recipe: dict = PHANTOM_RECIPE) -> Optional[Path]:
     return None
 
 
+def existing_phantom_foundation_dir(recipe: dict = PHANTOM_RECIPE) -> Optional[Path]:
+    """The folder ``get_phantom_foundation`` loads without building: a rebuilt copy in $BENCH_HOME, else the
+    shipped one; None when neither exists (the first run builds it)."""
+    cached = phantom_foundation_dir(recipe)
+    return cached if (cached / "bench.json").is_file() else shipped_foundation_dir(recipe)
+
+
 def get_phantom_foundation(log=print, recipe: dict = PHANTOM_RECIPE, device: str = "auto",
                            rebuild: bool = False) -> Foundation:
     """A rebuilt copy in $BENCH_HOME first, else the shipped one, else build it now (and cache it)."""
     folder = phantom_foundation_dir(recipe)
     if rebuild and folder.exists():
         shutil.rmtree(folder)
-    if not (folder / "bench.json").is_file():
-        shipped = None if rebuild else shipped_foundation_dir(recipe)
-        if shipped is not None:
-            return load_foundation(shipped)
-        build_phantom_foundation(folder, recipe, log=log, device=device)
-    return load_foundation(folder)
+    existing = None if rebuild else existing_phantom_foundation_dir(recipe)
+    if existing is None:
+        existing = build_phantom_foundation(folder, recipe, log=log, device=device)
+    return load_foundation(existing)
 
 
 def phantom_plans(recipe: dict, dataset_name: str) -> dict:
     from bench.engine.network import tiny_plans
-    return tiny_plans(dataset_name, intensity=PHANTOM_INTENSITY, **recipe.get("plans", {}))
+    return tiny_plans(dataset_name, intensity=PHANTOM_INTENSITY, **recipe.get("plans", PHANTOM_RECIPE["plans"]))
 
 
 def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto") -> Path:
@@ -169,11 +174,11 @@ def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=pr
                             method=get_method("full"), init_state=None,
                             train_ids=train_ids, val_ids=val_ids, out_dir=tmp / "training", recipe=recipe,
                             device=device, log=log)
-    save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None,
-                      extra={"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
-                             "pretrain_ids": train_ids, "val_ids": val_ids,
-                             "train_seconds": round(outcome.train_seconds, 1),
-                             "source_dice": source_dice(tmp, source, val_ids, device)})
+    save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None)
+    info = {"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
+            "pretrain_ids": train_ids, "val_ids": val_ids, "train_seconds": round(outcome.train_seconds, 1),
+            "source_dice": source_dice(tmp, source, val_ids, device)}
+    (tmp / "bench.json").write_text(json.dumps(info, indent=1))  # written last: marks a complete folder
     shutil.rmtree(tmp / "training", ignore_errors=True)
     if folder.exists():
         shutil.rmtree(folder)

@@ -38,12 +38,16 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from bench.methods import resolve_methods
+    from bench.methods import METHODS, resolve_methods
     from bench.perf import (REFERENCE, default_settings, log_report, network_spec, render_text, resolve_device,
                             run_perf, write_report)
 
     device = resolve_device(args.device)
     methods = resolve_methods(args.methods, first=REFERENCE)
+    untrained = [m for m in methods if not METHODS.get(m).trains]
+    if untrained:  # a training step is what perf measures; these have none
+        print(f"not measured (no training step): {', '.join(untrained)}")
+        methods = [m for m in methods if m not in untrained]
     keys = ["test"] if args.tiny_test else (["tiny", "default"] if args.network == "both" else [args.network])
     specs = [network_spec(k, device, args.patch, args.batch) for k in keys]
     d = default_settings(device)

@@ -7,7 +7,7 @@ the target and every extra target case teaches something the others did not:
 
 - source (``PhantomSource``, pretraining the foundation): arterial phase
   (vessels far brighter than nodes), small homogeneous nodes, low noise,
-  spacing 3.0 x 2.0 x 2.0 mm;
+  spacing 3.0 x 2.4 x 2.4 mm;
 - target (``phantom``, few-shot fine-tuning): late venous phase whose vessel
   enhancement varies per case and overlaps the nodes' intensity (only shape
   separates a vessel from a node), larger nodes of three per-case patterns
@@ -30,6 +30,7 @@ from bench.datasets import DATASETS
 from bench.datasets.base import Dataset
 
 PHANTOM_VERSION = 2  # bump when the generator's output changes
+MUSCLE_HU = 45.0
 
 Range = Tuple[float, float]
 
@@ -43,19 +44,27 @@ class Domain:
     hu_scale: float
     hu_offset: float
     vessel_hu: Range                     # per case: contrast phase
-    node_hu: Range                       # per case, relative to nothing (absolute HU)
+    node_contrast_hu: Range              # per case: |node - muscle|
+    hypodense_fraction: float            # per case: probability that nodes are darker than muscle (cystic)
     node_radius_mm: Range
     nodes: Tuple[int, int]               # per case, inclusive
     patterns: Tuple[float, float, float]  # per-case probability of homogeneous / necrotic / matted nodes
+    glands: Tuple[int, int]              # per case, inclusive: unlabelled gland-like distractors
+    normal_nodes: Tuple[int, int]        # per case, inclusive: unlabelled small source-like nodes
+    label_margin_mm: float               # the annotation convention: contours this far outside the node
     seed_offset: int
 
 
-SOURCE = Domain("source", (24, 48, 48), (3.0, 2.0, 2.0), noise_hu=(8.0, 12.0), hu_scale=1.0, hu_offset=0.0,
-                vessel_hu=(230.0, 270.0), node_hu=(90.0, 100.0), node_radius_mm=(5.0, 8.0), nodes=(2, 4),
-                patterns=(1.0, 0.0, 0.0), seed_offset=0)
-TARGET = Domain("target", (28, 60, 60), (2.5, 1.6, 1.6), noise_hu=(12.0, 40.0), hu_scale=1.08, hu_offset=20.0,
-                vessel_hu=(70.0, 170.0), node_hu=(60.0, 110.0), node_radius_mm=(5.0, 10.0), nodes=(1, 4),
-                patterns=(0.4, 0.35, 0.25), seed_offset=100_000)
+SOURCE = Domain("source", (20, 40, 40), (3.0, 2.4, 2.4), noise_hu=(8.0, 12.0), hu_scale=1.0, hu_offset=0.0,
+                vessel_hu=(230.0, 270.0), node_contrast_hu=(45.0, 55.0), hypodense_fraction=0.0,
+                node_radius_mm=(5.0, 8.0), nodes=(2, 4),
+                patterns=(1.0, 0.0, 0.0), glands=(0, 0), normal_nodes=(0, 0), label_margin_mm=0.0,
+                seed_offset=0)
+TARGET = Domain("target", (24, 60, 60), (2.5, 1.6, 1.6), noise_hu=(15.0, 30.0), hu_scale=1.08, hu_offset=20.0,
+                vessel_hu=(100.0, 170.0), node_contrast_hu=(12.0, 30.0), hypodense_fraction=0.0,
+                node_radius_mm=(7.0, 11.0), nodes=(1, 3),
+                patterns=(0.3, 0.45, 0.25), glands=(0, 2), normal_nodes=(1, 4), label_margin_mm=2.0,
+                seed_offset=100_000)
 
 
 def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -71,7 +80,8 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
     # per-case acquisition and patient: what makes one case teach something another does not
     noise = rng.uniform(*domain.noise_hu)
     vessel_hu = rng.uniform(*domain.vessel_hu)
-    node_hu = rng.uniform(*domain.node_hu)
+    contrast = rng.uniform(*domain.node_contrast_hu)
+    node_hu = MUSCLE_HU + (-contrast if rng.random() < domain.hypodense_fraction else contrast)
     pattern = int(rng.choice(3, p=domain.patterns))   # 0 homogeneous, 1 necrotic, 2 matted
 
     ct = np.full(domain.shape, -1000.0)
@@ -80,7 +90,7 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
     body = ((Y - cy) / ry) ** 2 + ((X - cx) / rx) ** 2 <= 1
     inner = ((Y - cy) / (ry - 4)) ** 2 + ((X - cx) / (rx - 4)) ** 2 <= 1
     ct[body] = -100.0                      # subcutaneous fat
-    ct[inner] = 45.0                       # muscle / soft tissue
+    ct[inner] = MUSCLE_HU                  # muscle / soft tissue
     texture = gaussian_filter(rng.normal(0, 1, domain.shape), 2.0)
     ct[inner] += 15.0 * texture[inner] / (texture.std() + 1e-6)
 
@@ -118,20 +128,51 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
                 off = rng.normal(0, 1, 3)
                 off *= 0.8 * radii.mean() / (np.linalg.norm(off) + 1e-6)
                 blobs.append((nz_ + off[0], ny_ + off[1], nx_ + off[2], radii * rng.uniform(0.6, 0.9)))
-        node = np.zeros(domain.shape, bool)
+        node, contour = np.zeros(domain.shape, bool), np.zeros(domain.shape, bool)
         for bz, by, bx, (a, b, c) in blobs:
             node |= ((Z - bz) / a) ** 2 + ((Y - by) / b) ** 2 + ((X - bx) / c) ** 2 <= 1
+            a, b, c = a + domain.label_margin_mm, b + domain.label_margin_mm, c + domain.label_margin_mm
+            contour |= ((Z - bz) / a) ** 2 + ((Y - by) / b) ** 2 + ((X - bx) / c) ** 2 <= 1
         node &= inner
         ct[node] = node_hu + rng.normal(0, 5) + 10.0 * texture[node] / (texture.std() + 1e-6)
         if pattern == 1:                   # necrotic: hypodense core, enhancing rim
             a, b, c = radii * rng.uniform(0.45, 0.65)
             core = ((Z - nz_) / a) ** 2 + ((Y - ny_) / b) ** 2 + ((X - nx_) / c) ** 2 <= 1
             ct[core & node] = rng.uniform(5.0, 30.0)
-        label[node] = 1
+        label[contour & inner] = 1
 
+    add_distractors(ct, domain, np.random.default_rng([seed, domain.seed_offset, index, 1]), (Z, Y, X),
+                    (cy, cx), inner & (label == 0), node_hu, vessels)
     ct = gaussian_filter(ct, 0.6)           # partial-volume blur
     ct = ct * domain.hu_scale + domain.hu_offset + rng.normal(0, noise, domain.shape)
     return np.clip(ct, -1024, 3071).astype(np.float32), label
+
+
+def add_distractors(ct, domain: Domain, rng, grid, centre, free, node_hu, vessels) -> None:
+    """What the target labels do not include, and the source never showed: normal (non-pathological) nodes,
+    small and homogeneous like the source's labelled ones, and salivary-gland-like lobulated ellipsoids
+    anterior-lateral to the vessels, as bright as the nodes. Drawn from their own random stream so that
+    domains without them keep their bytes. ``free``: soft tissue outside every labelled node."""
+    Z, Y, X = grid
+    cy, cx = centre
+    lo, hi = domain.normal_nodes
+    for _ in range(int(rng.integers(lo, hi + 1))):
+        yc, xc, side = vessels[int(rng.integers(len(vessels)))]
+        ang, dist = rng.uniform(-0.3, 1.2), rng.uniform(8, 14)
+        ny_, nx_ = yc + dist * np.sin(ang), xc + side * dist * np.cos(ang)
+        nz_ = rng.uniform(Z.min() * 0.6, Z.max() * 0.6)
+        a, b, c = rng.uniform(3.5, 5.5, 3) * np.array([1.3, 1.0, 1.0])
+        node = (((Z - nz_) / a) ** 2 + ((Y - ny_) / b) ** 2 + ((X - nx_) / c) ** 2 <= 1) & free
+        ct[node] = node_hu + rng.normal(0, 5)
+    lobules = gaussian_filter(rng.normal(0, 1, ct.shape), 1.0)
+    lobules /= lobules.std() + 1e-6
+    lo, hi = domain.glands
+    for _ in range(int(rng.integers(lo, hi + 1))):
+        gy, gx = cy - rng.uniform(10, 22), cx + rng.choice([-1, 1]) * rng.uniform(18, 30)
+        gz = rng.uniform(Z.min() / 2, Z.max() / 2)
+        a, b, c = rng.uniform(7, 12), rng.uniform(6, 10), rng.uniform(6, 10)
+        gland = (((Z - gz) / a) ** 2 + ((Y - gy) / b) ** 2 + ((X - gx) / c) ** 2 <= 1) & free
+        ct[gland] = node_hu + rng.uniform(-5, 15) + 18.0 * lobules[gland]
 
 
 def _write(array: np.ndarray, spacing_zyx, path: Path) -> None:

@@ -28,6 +28,11 @@ class ZeroShot(Method):
     summary = "reference (floor): the foundation as it is, no training; needs the target's label set on its head"
     trains = False
 
+    def prepare(self, network, ctx):
+        for p in network.parameters():
+            p.requires_grad_(False)
+        return network
+
     def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
         return []
 

@@ -1,0 +1,89 @@
+"""The embedded phantom (generator v2, protocol v2) and the foundation shipped with the package."""
+import json
+
+import numpy as np
+import pytest
+
+from bench.datasets.phantom import SOURCE, TARGET, Phantom, PhantomSource, generate_case, protocol_v2
+from bench.foundation import (PHANTOM_RECIPE, get_phantom_foundation, load_foundation, shipped_foundation_dir,
+                              source_dice)
+from bench.protocols import Protocol
+
+
+def test_same_seed_same_case_other_index_other_case():
+    a, la = generate_case(TARGET, 3)
+    b, lb = generate_case(TARGET, 3)
+    c, _ = generate_case(TARGET, 4)
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert not np.array_equal(a, c)
+    assert a.shape == la.shape == TARGET.shape and a.dtype == np.float32 and set(np.unique(la)) <= {0, 1}
+
+
+def _vessel_minus_node_hu(domain, index):
+    """Median HU of the brightest soft-tissue tube voxels (vessels) minus the median node HU."""
+    ct, label = generate_case(domain, index)
+    soft = ct[(label == 0) & (ct > 0) & (ct < 400)]
+    return np.percentile(soft, 99) - np.median(ct[label > 0])
+
+
+def test_source_vessels_outshine_nodes_target_vessels_do_not_always():
+    """The shift the foundation cannot bridge by intensity alone: in the source, vessels are always far
+    brighter than nodes; in the target, the contrast phase varies per case and overlaps the nodes."""
+    source = [_vessel_minus_node_hu(SOURCE, i) for i in range(8)]
+    target = [_vessel_minus_node_hu(TARGET, i) for i in range(16)]
+    assert min(source) > 100
+    assert min(target) < 40 < max(target)
+
+
+def test_target_cases_differ_in_difficulty():
+    volumes = [int(generate_case(TARGET, i)[1].sum()) for i in range(16)]
+    assert all(v > 0 for v in volumes) and max(volumes) > 4 * min(volumes)
+
+
+def test_committed_protocol_v2_is_what_its_procedure_makes():
+    p = Protocol.load("phantom")
+    assert p.version == "v2" and p.data == json.loads(json.dumps(protocol_v2()))
+    assert len(p.test) == 30 and len(p.pool) == 30 and p.n_repeats == 5
+    ids = [Phantom().case_id(i) for i in range(Phantom.n_cases)]
+    p.check(ids)
+    assert Protocol.load("phantom", "v1").version == "v1"  # kept for the record; its results are not comparable
+
+
+def test_shipped_foundation_matches_the_recipe_and_scores_as_recorded(bench_home):
+    folder = shipped_foundation_dir()
+    assert folder is not None, ("no shipped phantom foundation for recipe "
+                                f"{PHANTOM_RECIPE['name']}: run `bench foundation build --rebuild --into "
+                                f"bench/pretrained/{PHANTOM_RECIPE['name']}`")
+    info = json.loads((folder / "bench.json").read_text())
+    assert info["recipe"] == PHANTOM_RECIPE and info["command"].startswith("bench foundation build")
+    # weights only: loadable without unpickling arbitrary objects
+    f = load_foundation(folder)
+    assert f.dataset_json["labels"] == Phantom.labels
+    source = PhantomSource()
+    source.prepare()
+    measured = source_dice(folder, source, info["val_ids"], device="cpu")
+    recorded = info["source_dice"]
+    assert measured.keys() == recorded.keys()
+    assert np.allclose(list(measured.values()), list(recorded.values()), atol=1e-3)
+    assert np.mean(list(recorded.values())) > 0.6, "the foundation should segment its own domain"
+
+
+def test_no_pretraining_on_first_use(bench_home):
+    messages = []
+    f = get_phantom_foundation(log=messages.append, device="cpu")
+    assert f.folder == shipped_foundation_dir() and not messages
+    assert not (bench_home / "foundations" / PHANTOM_RECIPE["name"]).exists()
+
+
+def test_a_rebuilt_foundation_takes_precedence(bench_home):
+    import shutil
+    rebuilt = bench_home / "foundations" / PHANTOM_RECIPE["name"]   # where `build --rebuild` writes
+    shutil.copytree(shipped_foundation_dir(), rebuilt)
+    assert get_phantom_foundation(log=pytest.fail, device="cpu").folder == rebuilt.resolve()
+
+
+def test_the_test_foundation_is_built_from_its_recipe(tiny_foundation):
+    recipe = json.loads((tiny_foundation / "bench.json").read_text())["recipe"]
+    assert shipped_foundation_dir(recipe) is None       # not a shipped recipe: it was really built
+    info = json.loads((tiny_foundation / "bench.json").read_text())
+    assert set(info["source_dice"]) == set(info["val_ids"]) and not set(info["val_ids"]) & set(info["pretrain_ids"])
