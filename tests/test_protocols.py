@@ -17,10 +17,13 @@ from test_datasets_segrap import make_release as make_segrap_release
 ID_PATTERNS = {"phantom": r"ph_\d{3}", "segrap2023": r"segrap_\d{4}", "lnq2023": r"lnq2023_(val|test)_\d{4}"}
 
 
+NEWEST = {"phantom": "v2", "segrap2023": "v1", "lnq2023": "v1"}
+
+
 @pytest.mark.parametrize("dataset", list(ID_PATTERNS))
 def test_protocol_file_is_well_formed(dataset):
     p = Protocol.load(dataset)
-    assert p.version == "v1" and p.shots == [1, 3, 5] and p.n_repeats >= 5
+    assert p.version == NEWEST[dataset] and p.shots == [1, 3, 5] and p.n_repeats >= 5
     assert all(re.fullmatch(ID_PATTERNS[dataset], cid) for cid in p.test + p.pool)
     assert not set(p.test) & set(p.pool) and len(set(p.test + p.pool)) == len(p.test + p.pool)
     for r in range(p.n_repeats):
@@ -56,7 +59,7 @@ def test_lnq_protocol_tests_on_the_test_split_and_draws_from_val():
 
 def test_phantom_protocol_matches_the_generated_case_ids():
     ids = [Phantom().case_id(i) for i in range(Phantom.n_cases)]
-    assert ids == [f"ph_{i:03d}" for i in range(30)]
+    assert ids == [f"ph_{i:03d}" for i in range(60)]
     Protocol.load("phantom").check(ids)
 
 
@@ -93,9 +96,9 @@ def phantom_home(tmp_path_factory):
 
 
 def test_check_prepared_passes_on_phantom(phantom_home, capsys):
-    assert check_prepared("phantom").version == "v1"
+    assert check_prepared("phantom").version == "v2"
     assert main(["protocols", "check", "phantom"]) == 0
-    assert "matches protocol v1" in capsys.readouterr().out
+    assert "matches protocol v2" in capsys.readouterr().out
 
 
 def test_check_prepared_refuses_an_empty_label_the_protocol_uses(phantom_home):

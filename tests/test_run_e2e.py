@@ -25,7 +25,7 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     assert [c["case_id"] for c in result["cases"]] == test_ids
     for c in result["cases"]:
         assert 0.0 <= c["dice"] <= 1.0 and c["hd95"] >= 0
-    assert result["spec"]["protocol_version"] == "v1" and result["spec"]["method"] == "dgst"
+    assert result["spec"]["protocol_version"] == Protocol.load("phantom").version and result["spec"]["method"] == "dgst"
     assert 0 < result["params"]["changed"] <= result["params"]["trainable"] <= result["params"]["total"]
     assert result["cost"]["train_seconds"] > 0 and result["cost"]["peak_memory_mb"] > 0
     assert not set(result["support"]) & set(test_ids)

@@ -83,7 +83,7 @@ def print_result(result: dict) -> None:
     print(f"{'mean':<14}{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
     p, c = result["params"], result["cost"]
     print(f"trainable {p['trainable']:,} of {p['total']:,} parameters; changed {p['changed']:,}; "
-          f"train {c['train_seconds']:.1f} s ({c['step_seconds_median']:.3f} s/step, {c['device']}); "
+          f"train {c['train_seconds']:.1f} s ({'no' if c['step_seconds_median'] is None else format(c['step_seconds_median'], '.3f')} s/step, {c['device']}); "
           f"peak memory {'n/a' if c['peak_memory_mb'] is None else format(c['peak_memory_mb'], '.0f')} MiB "
           f"above the process at start")
     print(f"result: {result['model_dir'].rsplit('/model', 1)[0]}/result.json; MLflow run {result['mlflow_run_id']}")
