@@ -1,18 +1,17 @@
 """``phantom``: deterministic synthetic head-and-neck-like CT with lymph-node-like ellipsoids.
 
-Generator v2 (see docs/phantom.md for the full generative model). Two domains
-share one anatomy generator; what differs is drawn per domain, and much of it
-per case, so that a foundation pretrained on the source is clearly imperfect on
-the target and every extra target case teaches something the others did not:
+Generator v2; docs/phantom.md has the generative model, the shifts and what
+each one does to the reference rows. Two domains share one anatomy generator:
 
 - source (``PhantomSource``, pretraining the foundation): arterial phase
-  (vessels far brighter than nodes), small homogeneous nodes, low noise,
-  spacing 3.0 x 2.4 x 2.4 mm;
-- target (``phantom``, few-shot fine-tuning): late venous phase whose vessel
-  enhancement varies per case and overlaps the nodes' intensity (only shape
-  separates a vessel from a node), larger nodes of three per-case patterns
-  (homogeneous, necrotic with a hypodense core, matted conglomerates), per-case
-  noise and node contrast, a scanner offset/scale and spacing 2.5 x 1.6 x 1.6 mm.
+  (vessels far brighter than nodes), small homogeneous bright nodes, low
+  noise, every node labelled, contours on the node's edge; 3.0 x 2.4 x 2.4 mm.
+- target (``phantom``, few-shot fine-tuning): a late venous phase that varies
+  per case, fainter and larger nodes in three per-case patterns (homogeneous,
+  necrotic with a hypodense core, matted conglomerates), per-case noise, a
+  scanner offset/scale, 2.5 x 1.6 x 1.6 mm; and a different annotation
+  convention: only the pathological nodes are labelled (small normal nodes and
+  gland-like ellipsoids are not), contoured with a 2 mm margin.
 
 Same seed, same bytes.
 """
@@ -45,7 +44,7 @@ class Domain:
     hu_offset: float
     vessel_hu: Range                     # per case: contrast phase
     node_contrast_hu: Range              # per case: |node - muscle|
-    hypodense_fraction: float            # per case: probability that nodes are darker than muscle (cystic)
+    hypodense_fraction: float            # per case: nodes darker than muscle (cystic); 0 in both domains
     node_radius_mm: Range
     nodes: Tuple[int, int]               # per case, inclusive
     patterns: Tuple[float, float, float]  # per-case probability of homogeneous / necrotic / matted nodes
