@@ -89,3 +89,16 @@ def test_the_test_foundation_is_built_from_its_recipe(tiny_foundation):
     assert shipped_foundation_dir(recipe) is None       # not a shipped recipe: it was really built
     info = json.loads((tiny_foundation / "bench.json").read_text())
     assert set(info["source_dice"]) == set(info["val_ids"]) and not set(info["val_ids"]) & set(info["pretrain_ids"])
+
+
+def test_build_into_a_folder_records_recipe_command_and_source_dice(bench_home, tmp_path, capsys):
+    """The command that regenerates the shipped files, on a 2-iteration budget."""
+    from bench.cli import main
+    out = tmp_path / "phantom-v2-it2"
+    assert main(["foundation", "build", "--iterations", "2", "--into", str(out), "--device", "cpu"]) == 0
+    info = json.loads((out / "bench.json").read_text())
+    assert info["recipe"] == {**PHANTOM_RECIPE, "iterations": 2, "name": "phantom-v2-it2"}
+    assert info["command"] == "bench foundation build --rebuild --into bench/pretrained/phantom-v2-it2"
+    assert set(info["source_dice"]) == set(info["val_ids"]) and all(0 <= d <= 1 for d in info["source_dice"].values())
+    assert load_foundation(out).plans["configurations"]["3d_fullres"]["patch_size"] == PHANTOM_RECIPE["plans"]["patch_size"]
+    assert str(out) in capsys.readouterr().out
