@@ -15,6 +15,8 @@ from optuna.trial import TrialState
 from bench import tuning
 from bench.protocols import Protocol
 
+PHANTOM_PROTOCOL = Protocol.load("phantom").version  # study names carry the protocol version
+
 
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory):
@@ -77,7 +79,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
     assert set(read) <= set(split.support + split.tune)
 
     # --- study: one complete, one pruned after its first of two iterations
-    trials = study_trials(None, "l2sp-phantom-1shot-v1")
+    trials = study_trials(None, f"l2sp-phantom-1shot-{PHANTOM_PROTOCOL}")
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert list(trials[1].intermediate_values) == [1]
     assert 0.0 <= trials[0].value <= 1.0
@@ -95,7 +97,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
     # --- tuned file
     tuned = json.loads((bench_home / "tuned" / "phantom" / "l2sp" / "shots1.json").read_text())
     assert tuned == json.loads(open(out["tuned_file"]).read())
-    assert tuned["study_name"] == "l2sp-phantom-1shot-v1"
+    assert tuned["study_name"] == f"l2sp-phantom-1shot-{PHANTOM_PROTOCOL}"
     assert tuned["storage"] == str(bench_home / "optuna" / "journal.log")
     assert tuned["budget"]["trials"] == 2 and tuned["budget"]["iterations"] == 2
     assert tuned["trials"]["complete"] == 1 and tuned["trials"]["pruned"] == 1 and tuned["trials"]["fail"] == 0
@@ -104,7 +106,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
     assert set(tuned["hparams"]) == {"penalty"}
 
     # --- MLflow: study run, nested trial runs, the runner's run nested under trial 0
-    runs = runs_of(tracking_uri, "l2sp-phantom-1shot-v1")
+    runs = runs_of(tracking_uri, f"l2sp-phantom-1shot-{PHANTOM_PROTOCOL}")
     study = runs[runs["tags.kind"] == "study"]
     assert len(study) == 1
     study_id = study.iloc[0]["run_id"]
@@ -128,7 +130,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
     assert len(final) == 1
     spec = final[0]["spec"]
     assert spec["hparams"] == tuned["hparams"] and spec["lr"] == pytest.approx(tuned["spec"]["lr"])
-    assert spec["params_source"] == tuned["params_source"] == f"{tuned['storage']}#l2sp-phantom-1shot-v1"
+    assert spec["params_source"] == tuned["params_source"] == f"{tuned['storage']}#l2sp-phantom-1shot-{PHANTOM_PROTOCOL}"
     cell = mlflow.get_run(final[0]["mlflow_run_id"])
     assert cell.data.tags["params_source"] == tuned["params_source"]
 
@@ -136,7 +138,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
 def test_resume_runs_only_missing_trials_and_records_failures(bench_home, tracking_uri):
     kw = dict(method="dgst", shots=1, iterations=2, device="cpu", tracking_uri=tracking_uri,
               objective=cheap_objective, log=lambda *a: None)
-    name = "dgst-phantom-1shot-v1"
+    name = f"dgst-phantom-1shot-{PHANTOM_PROTOCOL}"
     tuning.tune(trials=2, **kw)
     assert len(study_trials(None, name)) == 2
     tuning.tune(trials=3, **kw)                      # resumed: exactly one more
