@@ -177,8 +177,9 @@ class CrossedMean:
         """t test of mean = ``null``; ``greater``: H1 mean > null. A zero SE gives p 0 or 1."""
         with np.errstate(divide="ignore", invalid="ignore"):
             t = (self.mean - null) / self.se
-        t = np.where(self.se > 0, t, np.sign(self.mean - null) * np.inf)
-        t = np.nan_to_num(t, nan=0.0)  # zero SE and mean == null: no evidence at all
+            sign_inf = np.sign(self.mean - null) * np.inf
+        # zero SE: the sign decides (p 0 or 1); zero SE and mean == null: no evidence at all
+        t = np.where(self.se > 0, t, np.where(self.mean == null, 0.0, sign_inf))
         if alternative == "greater":
             return stats.t.sf(t, self.df)
         if alternative == "two-sided":
