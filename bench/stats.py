@@ -37,6 +37,7 @@ What uses it.
   per-case means over repeats (n = C test cases). Ranks of per-case means condition on the support
   sets drawn, so this omnibus test and the CD diagram describe the ranking; verdicts on differences
   come from the crossed t tests.
+- Reference rows (zero-shot, oracle) are summarised but enter no test, rank or family (``analyse``).
 - ``rank_stability``: share of crossed-bootstrap resamples in which each method has each rank by mean.
 - ``claim_check``: the proposed method beats every baseline (``bench.methods.roles``) by more than the
   margin: a one-sided crossed t test of diff > margin per baseline, combined as an intersection-union
@@ -96,6 +97,9 @@ class Paired:
         """(R, C, k) array of the methods ``columns`` (default: all), repeats x cases."""
         cols = list(columns) if columns is not None else self.methods
         return self.values[cols].to_numpy().reshape(self.repeats, self.cases, len(cols))
+
+    def subset(self, methods: Sequence[str]) -> "Paired":
+        return Paired(self.values[sorted(methods)], self.dropped, self.dataset, self.shots, self.metric)
 
     def case_means(self) -> pd.DataFrame:
         """Per-case means over repeats (C rows, one column per method)."""
@@ -431,16 +435,20 @@ class Analysis:
 def analyse(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice", reference: str = REFERENCE,
             n_boot: int = N_BOOT, seed: int = 0, alpha: float = ALPHA, synthetic: bool = False) -> Analysis:
     """All statistics of one dataset and shots; reference-based parts are None without the reference.
-    The claim (Dice only) is checked alone here; ``claim_family`` finalises it across checks."""
+    Reference rows (zero-shot, oracle: ``bench.methods.roles``) get a summary but enter no test, rank or
+    family. The claim (Dice only) is checked alone here; ``claim_family`` finalises it across checks."""
+    from bench.methods.roles import role
+
     paired = paired_table(df, dataset, shots, metric)
-    has_ref = reference in paired.methods and len(paired.methods) > 1
-    claim = claim_check(paired, reference, alpha=alpha) if has_ref and metric == "dice" else None
+    tested = paired.subset([m for m in paired.methods if role(m) != "reference"])
+    has_ref = reference in tested.methods and len(tested.methods) > 1
+    claim = claim_check(tested, reference, alpha=alpha) if has_ref and metric == "dice" else None
     return Analysis(
         paired=paired,
         summary=summary(paired, n_boot=n_boot, seed=seed, alpha=alpha),
-        vs_reference=vs_reference(paired, reference, alpha=alpha) if has_ref else None,
-        all_pairs=all_pairs(paired, alpha=alpha),
-        friedman=friedman_nemenyi(paired, alpha),
-        rank_stability=rank_stability(paired, n_boot, seed),
+        vs_reference=vs_reference(tested, reference, alpha=alpha) if has_ref else None,
+        all_pairs=all_pairs(tested, alpha=alpha),
+        friedman=friedman_nemenyi(tested, alpha),
+        rank_stability=rank_stability(tested, n_boot, seed),
         claim=claim_family([claim], {dataset: synthetic}, alpha)[0] if claim else None,
     )

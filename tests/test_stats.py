@@ -198,6 +198,14 @@ def test_roles():
     assert competitors(["full", "dgst", "dgst-static", "scratch", "oracle", "bitfit"]) == ["bitfit", "full"]
 
 
+def test_reference_rows_are_summarised_but_never_tested():
+    df = synthetic_results({"dgst": 0.8, "full": 0.7, "oracle": 0.95, "zero-shot": 0.2}, repeats=3, cases=6)
+    a = stats.analyse(df, "phantom", 1, n_boot=200)
+    assert set(a.summary.method) == {"dgst", "full", "oracle", "zero-shot"}
+    assert list(a.vs_reference.b) == ["full"] and len(a.all_pairs) == 1
+    assert list(a.rank_stability.index) == ["dgst", "full"] and a.claim["competitors"] == "full"
+
+
 def test_analyse_without_reference():
     df = synthetic_results({"full": 0.7, "lora": 0.6, "bitfit": 0.5})
     a = stats.analyse(df, "phantom", 1, n_boot=200)
