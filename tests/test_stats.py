@@ -161,8 +161,12 @@ def test_claim_check_against_every_baseline(gap, supported):
     # dgst-static (an ablation) and scratch (a control) are not competitors, however close they are
     df = synthetic_results({"dgst": 0.6 + gap, "full": 0.6, "lora": 0.5, "dgst-static": 0.6 + gap,
                             "scratch": 0.6 + gap}, repeats=5, cases=8, noise=0.02)
-    claim = stats.claim_check(stats.paired_table(df, "phantom", 3))
-    assert claim["competitors"] == "full, lora" and claim["closest"] == "full"
+    paired = stats.paired_table(df, "phantom", 3)
+    claim = stats.claim_check(paired)
+    assert claim["competitors"] == "full, lora" and claim["strongest"] == "full"
+    g = paired.grid(["dgst", "full", "lora"])
+    _, p_each = stats.claim_tests(np.stack([g[..., 0] - g[..., 1], g[..., 0] - g[..., 2]]))
+    assert claim["p_value"] == pytest.approx(p_each.max())  # intersection-union: every baseline must lose
     [claim] = stats.claim_family([claim], {"phantom": False})
     assert claim["supported"] is supported
     assert claim["verdict"].startswith("SUPPORTED" if supported else "NOT SUPPORTED")
@@ -172,7 +176,7 @@ def test_claim_check_against_every_baseline(gap, supported):
 
 
 def test_claim_family_is_holm_corrected_and_phantom_verdict_says_synthetic():
-    base = {"reference": "dgst", "competitors": "full", "closest": "full", "mean_diff": 0.2, "diff_lo": 0.15,
+    base = {"reference": "dgst", "competitors": "full", "strongest": "full", "mean_diff": 0.2, "diff_lo": 0.15,
             "diff_hi": 0.25, "margin": 0.082}
     claims = [{**base, "dataset": "phantom", "shots": 1, "p_value": 0.02},
               {**base, "dataset": "lnq2023", "shots": 1, "p_value": 0.03}]
