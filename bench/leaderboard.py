@@ -121,7 +121,7 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
              *[f"- {line}" for line in caption], "",
              "Dice: mean over the repeat x test case grid that every method has, with a 95 % CI from the crossed "
              "random-effects t procedure of `bench/stats.py` (test cases and support draws both random, so the "
-             f"interval and the tests generalise to new cases and new support sets). `{LEADER}`: highest mean Dice "
+             f"interval and the tests generalise to new cases and new support sets; clipped to [0, 1]). `{LEADER}`: highest mean Dice "
              f"among the non-reference methods; `{WORSE}`: significantly worse than the leader (crossed t test, "
              f"Holm-corrected over all pairs of non-reference methods, p < {ALPHA}); `{REFERENCE_ROW}`: a bound on "
              "the task (zero-shot, oracle), never the leader nor tested. Role: `proposed` (DGST), `ablation` "

@@ -27,7 +27,7 @@ with few repeats and a large support component it becomes liberal again (R = 2 a
 SD 0.05: 6-9 %), so run all of a protocol's repeats.
 
 What uses it.
-- ``summary``: each method's mean with a crossed t CI; median with a crossed-bootstrap percentile CI
+- ``summary``: each method's mean with a crossed t CI (clipped to [0, 1] for scores bounded there); median with a crossed-bootstrap percentile CI
   (``crossed_bootstrap``: repeats drawn with replacement and one multiset of cases reused by every
   drawn repeat).
 - ``pairwise``: mean difference a - b, its crossed t CI and two-sided p, Holm-corrected within the
@@ -61,6 +61,9 @@ from scipy import stats
 
 from bench.metrics import HIGHER_IS_BETTER
 
+# Scores bounded to [0, 1]: a t interval of their mean is clipped there (coverage is unchanged, the true
+# mean lies inside; with 2 repeats the interval can otherwise run far beyond a possible Dice).
+UNIT_INTERVAL_METRICS = ("dice", "nsd", "nsd_voxel", "lesion_precision", "lesion_recall", "lesion_f1")
 REFERENCE = "dgst"  # the proposed method (bench.methods.roles.PROPOSED)
 CLAIM_MARGIN = 0.082  # "more than 8.2 Dice points"
 N_BOOT = 2000
@@ -236,6 +239,8 @@ def summary(paired: Paired, n_boot: int = N_BOOT, seed: int = 0, alpha: float = 
     grid = paired.grid()
     est = crossed_mean(np.moveaxis(grid, -1, 0))
     lo, hi = est.ci(alpha)
+    if paired.metric in UNIT_INTERVAL_METRICS:
+        lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
     mlo, mhi = _ci(crossed_bootstrap(grid, np.median, n_boot, seed), alpha)
     out = pd.DataFrame({"method": paired.methods, "n": len(paired.values), "repeats": paired.repeats,
                         "cases": paired.cases, "mean": est.mean, "mean_lo": lo, "mean_hi": hi, "df": est.df,

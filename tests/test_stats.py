@@ -112,6 +112,9 @@ def test_summary_is_deterministic_with_t_interval_for_the_mean():
     lo, hi = stats.crossed_mean(p.grid(["dgst"])[..., 0]).ci()
     assert (s1.mean_lo[0], s1.mean_hi[0]) == pytest.approx((lo, hi))
     assert not stats.summary(p, n_boot=300, seed=1).equals(s1)  # the median CI is a bootstrap
+    # a bounded score's interval stays in [0, 1] (two repeats far apart: t with ~1 df runs beyond)
+    wide = stats.summary(table({"m": np.array([0.05, 0.1, 0.08, 0.9, 0.95, 0.92])}, repeats=2))
+    assert wide.mean_lo[0] == 0.0 and wide.mean_hi[0] == 1.0
 
 
 def test_crossed_bootstrap_reuses_one_case_multiset_in_every_drawn_repeat():
