@@ -57,6 +57,19 @@ def test_leaderboard_family_holds_its_error_rate(R, C):
     assert fwer <= BOUND
 
 
+@pytest.mark.parametrize("R, C", SETTINGS)
+def test_omnibus_test_holds_its_error_rate(R, C):
+    """The report's "all methods equal?" test (crossed quasi-F), four methods; the Friedman test on
+    per-case means, which conditions on the support draws, is printed for comparison."""
+    y = simulate(R, C, k=4, seed=13 * C + R)
+    omnibus = rate(stats.crossed_anova(y).pvalue)
+    ranks = sps.rankdata(y.mean(axis=1), axis=-1)                          # per-case means, ranked per case
+    friedman = sps.chi2.sf(12 / (C * 4 * 5) * (ranks.sum(axis=1) ** 2).sum(-1) - 3 * C * 5, 3)
+    print(f"\nR={R} C={C}: omnibus crossed quasi-F {100 * omnibus:.1f} %, Friedman on per-case means "
+          f"{100 * rate(friedman):.1f} %")
+    assert omnibus <= BOUND
+
+
 @pytest.mark.parametrize("C", [10, 40])
 def test_power_at_a_three_point_difference(C):
     R = 5

@@ -83,7 +83,7 @@ def test_report_command_writes_report_and_logs_to_mlflow(home, tmp_path, capsys,
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     text = (out / "report.md").read_text()
     for heading in ("## phantom", "### phantom, 1-shot", "### phantom, 3-shot", "**Versus `dgst`**",
-                    "**Friedman / Nemenyi**", "**Rank stability**", "**Paper claim**"):
+                    "**All methods equal?**", "**Mean ranks and Nemenyi CD**", "**Rank stability**", "**Paper claim**"):
         assert heading in text
     for name in ("phantom_dice_box.png", "phantom_dice_vs_shots.png", "phantom_3shot_cd.png",
                  "phantom_3shot_pvalues.png"):
@@ -94,6 +94,7 @@ def test_report_command_writes_report_and_logs_to_mlflow(home, tmp_path, capsys,
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.kind = 'report'")
     assert len(runs) == 1 and "metrics.phantom.3shot.claim_p" in runs.columns
+    assert "metrics.phantom.3shot.omnibus_p" in runs.columns and "metrics.phantom.3shot.friedman_p" not in runs.columns
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.run_id[0])}
     assert {"report.md", "figures", "tables"} <= logged
 

@@ -53,6 +53,21 @@ def test_crossed_variance_by_hand_and_against_brute_force_simulation():
     assert one.se == pytest.approx(np.std(x[0], ddof=1) / np.sqrt(3)) and one.df == 2
 
 
+def test_crossed_anova_reduces_to_the_squared_t_for_two_methods_and_detects_a_difference():
+    rng = np.random.default_rng(2)
+    grid = rng.normal(0.6, 0.1, (3, 7, 2))
+    a, t = stats.crossed_anova(grid), stats.crossed_mean(grid[..., 0] - grid[..., 1])
+    assert a.F == pytest.approx((t.mean / t.se) ** 2) and a.df2 == pytest.approx(t.df)
+    assert a.pvalue == pytest.approx(t.p_value())
+    # a shift shared by every block of one method is found; a shift shared by every method changes nothing
+    grid4 = rng.normal(0.6, 0.05, (4, 9, 4))
+    shifted = grid4 + np.array([0.3, 0, 0, 0])
+    assert stats.crossed_anova(shifted).pvalue < 1e-3
+    assert stats.crossed_anova(grid4 + 0.2).F == pytest.approx(stats.crossed_anova(grid4).F)
+    with pytest.raises(ValueError, match="at least 2 repeats"):
+        stats.crossed_anova(grid4[:1])
+
+
 def test_t_p_values_and_intervals():
     est = stats.CrossedMean(np.array([0.1, 0.0, 0.2]), np.array([0.05, 0.0, 0.0]), np.array([4.0, 4.0, 4.0]))
     p = est.p_value()
