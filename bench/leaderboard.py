@@ -29,8 +29,8 @@ from bench.stats import ALPHA, N_BOOT, all_pairs, paired_table, summary  # noqa:
 
 LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
 COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
-           "nsd", "hd95", "lesion_f1", "trainable_params", "changed_params", "train_seconds", "peak_memory_mb",
-           "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source"]
+           "nsd", "hd95", "lesion_f1", "trainable_params", "updated_per_step", "changed_params", "train_seconds",
+           "peak_memory_mb", "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source"]
 
 
 def leader_tests(paired, ranked: List[str], alpha: float = ALPHA) -> pd.DataFrame:
@@ -79,8 +79,10 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
         else:
             per_case["empty_pred"] = pd.NA
         runs = rows.drop_duplicates(["method", "repeat"])
-        per_run = runs.groupby("method")[["trainable_params", "changed_params", "train_seconds",
-                                          "peak_memory_mb"]].mean()
+        if "updated_per_step" not in runs.columns:   # results that predate the column
+            runs = runs.assign(updated_per_step=np.nan)
+        counts = ["trainable_params", "updated_per_step", "changed_params", "train_seconds", "peak_memory_mb"]
+        per_run = runs[counts].astype(float).groupby(runs["method"]).mean()
         listed = runs.groupby("method")[["protocol_version", "params_source"]].agg(lambda v: ",".join(sorted(set(v))))
         budget = runs.groupby("method")["iterations"].agg(
             lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
@@ -89,7 +91,7 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
     out = pd.concat(tables, ignore_index=True)[COLUMNS]
-    for c in ("trainable_params", "changed_params"):
+    for c in ("trainable_params", "updated_per_step", "changed_params"):
         out[c] = out[c].astype(float)
     out["empty_pred"] = out["empty_pred"].astype("Int64")
     return out
@@ -128,9 +130,10 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
              "(DGST's variants), `baseline` (the existing methods the claim is about), `control` (from scratch). "
              f"NSD at {DEFAULT_NSD_TOLERANCE_MM:g} mm, HD95 in mm and lesion F1 are means over the same blocks; "
              "`empty pred`: blocks whose prediction was empty (scored by the empty-mask rules). Trainable: "
-             "parameters the method lets the optimizer update; changed: entries that differ from the foundation "
-             "after training (what the method actually updated); both, with training time and peak memory, "
-             "means over runs.", ""]
+             "parameters the method lets the optimizer update; updated per step: entries a step may change (DGST "
+             "selects a few per kernel); changed: entries that differ from the foundation after training (what "
+             "the method actually updated in total); these, training time and peak memory are means over runs.",
+             ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", "", markdown_table(pd.DataFrame({
             "rank": t["rank"].map(lambda r: "-" if pd.isna(r) else str(r)),
@@ -144,6 +147,7 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
             "lesion F1": t.lesion_f1.map(fmt),
             "empty pred": t.empty_pred.map(lambda v: "n/a" if pd.isna(v) else str(v)),
             "trainable params": t.trainable_params.map(_count),
+            "updated per step": t.updated_per_step.map(_count),
             "changed params": t.changed_params.map(_count),
             "train s": t.train_seconds.map(lambda v: fmt(v, 1)),
             "peak MB": t.peak_memory_mb.map(lambda v: fmt(v, 0)),

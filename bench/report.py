@@ -123,6 +123,11 @@ def provenance(df: pd.DataFrame, dataset: str) -> List[str]:
                     "support or refute a claim about real data.",
               False: f"Data: `{dataset}`, a public release prepared locally.",
               None: f"Data: `{dataset}` (not a registered dataset)."}[synthetic]]
+    foundations = _values(runs, "foundation")
+    if foundations:
+        shas = _values(runs, "foundation_sha256")
+        lines.append(f"Foundation: {', '.join(foundations)}" + (f" (checkpoint sha256 {', '.join(s[:12] for s in shas)})"
+                                                                 if shas else "") + ".")
     totals = _values(runs, "total_params")
     if totals:
         lines.append(f"Network: {', '.join(f'{int(t):,}' for t in totals)} parameters in total.")

@@ -52,7 +52,7 @@ def test_leader_and_markers(results):
         assert (full.marker == WORSE) == (full.p_vs_leader_holm < 0.05)
     assert (table.protocol_version == "v1").all() and (table.repeats == 5).all() and (table.cases == 8).all()
     assert (table.changed_params < table.trainable_params).all()
-    assert table.empty_pred.isna().all()  # these results do not record empty masks
+    assert table.empty_pred.isna().all() and table.updated_per_step.isna().all()  # not recorded here
 
 
 def test_markers_come_from_the_all_pairs_family():
@@ -85,7 +85,7 @@ def test_markdown_content(results, tmp_path):
     assert "- Support repeats run: 5 at 1-shot, 5 at 3-shot of the protocol's 5 (protocol v1, 10 test cases)" in md
     assert "- Hyper-parameters: `default`" in md
     assert "- Learning rate: not recorded" in md and "- Empty masks: not recorded" in md
-    assert "| trainable params | changed params |" in md
+    assert "| trainable params | updated per step | changed params |" in md
 
 
 def test_committed_leaderboards_regenerate_without_diff(tmp_path):
@@ -108,15 +108,18 @@ def test_caption_and_columns_from_recorded_provenance(results):
     """When results carry lr, optimizer, total parameters and empty-mask flags, the table says so."""
     from bench.report import provenance
 
-    df = results.assign(lr=3e-3, optimizer="adamw", total_params=346006.0,
+    df = results.assign(lr=3e-3, optimizer="adamw", total_params=346006.0, updated_per_step=1234.0,
+                        foundation="phantom-v1", foundation_sha256="abcdef0123456789",
                         pred_empty=(results.dice < 0.62).astype(int), ref_empty=0)
     df.loc[df.method == "full", ["lr", "optimizer"]] = (1e-3, "sgd")
     lines = provenance(df, "phantom")
     assert "Network: 346,006 parameters in total." in lines
+    assert "Foundation: phantom-v1 (checkpoint sha256 abcdef012345)." in lines
     assert "Learning rate: 0.003; differs for full (0.001)." in lines
     assert "Optimizer: adamw; differs for full (sgd)." in lines
     empty = int(df.pred_empty.sum())
     assert empty > 0 and any(f"Empty masks: {empty} of {len(df)}" in line for line in lines)
     table = leaderboard_table(df, "phantom", n_boot=N_BOOT)
     assert table.groupby("method").empty_pred.sum()["lora"] == df[df.method == "lora"].pred_empty.sum()
+    assert (table.updated_per_step == 1234).all()
     assert provenance(df.assign(dataset="mine"), "mine")[0] == "Data: `mine` (not a registered dataset)."
