@@ -25,7 +25,7 @@ from bench.metrics import DEFAULT_NSD_TOLERANCE_MM
 from bench.report import fmt, fmt_ci, markdown_table, p_text, palette, provenance, save_figure  # Agg backend
 import matplotlib.pyplot as plt  # noqa: E402  (after bench.report chose the backend)
 from bench.methods.roles import role  # noqa: E402
-from bench.stats import ALPHA, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
+from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
 
 LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
 COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
@@ -35,9 +35,10 @@ COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", 
 
 def leader_tests(paired, ranked: List[str], alpha: float = ALPHA) -> pd.DataFrame:
     """Leader (best non-reference method of ``ranked``, best first) against every other non-reference
-    method: rows b, p_holm (Holm over all pairs of non-reference methods), worse (p_holm < alpha)."""
+    method: rows b, p_holm (Holm over all pairs of non-reference methods), worse (p_holm < alpha). No
+    rows with fewer than ``MIN_REPEATS_FOR_FAMILIES`` repeats: such a family does not hold its level."""
     contenders = [m for m in ranked if role(m) != "reference"]
-    if len(contenders) < 2:
+    if len(contenders) < 2 or paired.repeats < MIN_REPEATS_FOR_FAMILIES:
         return pd.DataFrame({"b": [], "p_holm": [], "worse": []})
     leader = contenders[0]
     pairs = all_pairs(paired, methods=sorted(contenders), alpha=alpha)
@@ -135,7 +136,12 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
              "the method actually updated in total); these, training time and peak memory are means over runs.",
              ""]
     for shots, t in table.groupby("shots", sort=True):
-        lines += [f"## {shots}-shot", "", markdown_table(pd.DataFrame({
+        lines += [f"## {shots}-shot", ""]
+        if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:
+            lines += [f"No `{WORSE}` markers: {t.repeats.min()} support repeats are too few for a family of tests "
+                      f"to hold its error rate (at least {MIN_REPEATS_FOR_FAMILIES}; `tests/test_calibration.py`).",
+                      ""]
+        lines += [markdown_table(pd.DataFrame({
             "rank": t["rank"].map(lambda r: "-" if pd.isna(r) else str(r)),
             "method": t.method,
             "role": t.role,

@@ -57,6 +57,25 @@ def test_leaderboard_family_holds_its_error_rate(R, C):
     assert fwer <= BOUND
 
 
+def test_two_repeats_are_too_few_for_a_family_so_the_leaderboard_gives_no_markers():
+    """With 2 repeats the repeat term has 1 df: single tests hold (above), a Holm family over 28 pairs does
+    not, which is why the leaderboard needs ``MIN_REPEATS_FOR_FAMILIES`` repeats for its markers."""
+    from bench.leaderboard import leaderboard_table
+    from bench.results import synthetic_results
+
+    fwer = {}
+    for R in (2, stats.MIN_REPEATS_FOR_FAMILIES):
+        y = simulate(R, 40, k=8, seed=17 + R)
+        pairs = [(i, j) for i in range(8) for j in range(i + 1, 8)]
+        d = np.stack([y[..., i] - y[..., j] for i, j in pairs], axis=1)
+        fwer[R] = rate(stats.holm(stats.crossed_mean(d).p_value(), axis=-1).min(axis=1))
+    print(f"\nC=40, 8 methods: family-wise false-positive rate {100 * fwer[2]:.1f} % with 2 repeats, "
+          f"{100 * fwer[3]:.1f} % with 3")
+    assert fwer[2] > BOUND >= fwer[3]
+    clear = synthetic_results({"dgst": 0.9, "lora": 0.3}, shots=(1,), repeats=2, cases=10, noise=0.01)
+    assert set(leaderboard_table(clear, "phantom", n_boot=100).marker) == {"leader", ""}
+
+
 @pytest.mark.parametrize("R, C", SETTINGS)
 def test_omnibus_test_holds_its_error_rate(R, C):
     """The report's "all methods equal?" test (crossed quasi-F), four methods; the Friedman test on
