@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,scale]'
+	# setuptools' note on editable installs is the only text left otherwise
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e '.[test,scale,ui]'
 	touch $(STAMP)
 
 install: $(STAMP)
