@@ -210,13 +210,22 @@ def test_matching_maximises_total_iou_not_greedy():
     assert lesions(case_metrics(pred, ref, SPACING)) == (2, 0, 0, 1.0, 1.0, 1.0)
 
 
-def random_boxes(rng, shape=(6, 14, 14), n=4):
+def paint(shape, corners, sizes):
     m = np.zeros(shape, bool)
-    for _ in range(n):
-        lo = [rng.integers(0, s - 2) for s in shape]
-        hi = [a + rng.integers(1, 5) for a in lo]
-        m[tuple(slice(a, b) for a, b in zip(lo, hi))] = True
+    for lo, size in zip(corners, sizes):
+        m[tuple(slice(a, a + n) for a, n in zip(lo, size))] = True
     return m
+
+
+def random_lesion_case(rng, shape=(5, 12, 12), n=5):
+    """Reference: n random boxes (some touch and merge); prediction: the same boxes moved and resized by up
+    to one voxel, so pairs overlap, some below the IoU threshold, some components overlap several."""
+    corners = np.stack([rng.integers(0, s - 1, n) for s in shape], axis=1)
+    sizes = rng.integers(1, 5, (n, 3))
+    ref = paint(shape, corners, sizes)
+    pred = paint(shape, np.clip(corners + rng.integers(-1, 2, corners.shape), 0, None),
+                 np.clip(sizes + rng.integers(-1, 2, sizes.shape), 1, None))
+    return pred, ref
 
 
 def brute_force_lesions(pred, ref, threshold=0.1):
@@ -240,10 +249,9 @@ def brute_force_lesions(pred, ref, threshold=0.1):
             "tp_any": int(touched.any(1).sum()), "fp_any": int((~touched.any(0)).sum())}
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_random_lesions_match_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    pred, ref = random_boxes(rng), random_boxes(rng)
+    pred, ref = random_lesion_case(np.random.default_rng(seed))
     brute = brute_force_lesions(pred, ref)
     assert brute["best_iou_sum"] > 0  # the case has something to match
     pairs = match_one_to_one(lesion_components(pred, ref))
