@@ -86,16 +86,19 @@ lesions, an empty reference FP = the number of predicted components.
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 # Version of the definitions behind the columns. 1: ``nsd`` at a fixed 1 mm, and
-# ``lesion_*`` the any-overlap rule. 2: the columns above. Results of different
-# versions must not be compared under the same column name.
+# ``lesion_*`` the any-overlap rule (``METRICS_V1``). 2: the columns above.
+# ``upgrade_v1`` renames a version-1 case; never compare versions under one name.
 METRICS_VERSION = 2
+METRICS_V1 = ("dice", "hd95", "assd", "nsd", "lesion_tp", "lesion_fp", "lesion_fn",
+              "lesion_precision", "lesion_recall", "lesion_f1", "vol_pred_ml", "vol_ref_ml")
+V1_NSD_TOLERANCE_MM = 1.0
 
 _LESION_FIELDS = ("tp", "fp", "fn", "precision", "recall", "f1")
 LESION_METRICS = tuple(f"lesion_{f}" for f in _LESION_FIELDS)
@@ -127,6 +130,20 @@ def higher_is_better(metric: str) -> bool:
         return False
     raise ValueError(f"{metric!r} is not a score with a direction; scores: "
                      f"{', '.join(HIGHER_IS_BETTER + LOWER_IS_BETTER)}")
+
+
+def upgrade_v1(case: Mapping[str, float]) -> dict:
+    """A case scored under metrics version 1, in today's columns: what version 1 measured keeps its value
+    under its present name (its lesion counts are the any-overlap rule), what it did not measure is NaN."""
+    missing = [k for k in METRICS_V1 if k not in case]
+    if missing:
+        raise ValueError(f"not a version-1 metrics record: missing {', '.join(missing)}")
+    out = {k: math.nan for k in METRICS}
+    out.update({k: case[k] for k in ("dice", "hd95", "assd", "nsd", "vol_pred_ml", "vol_ref_ml")})
+    out.update({any_rule: case[old] for old, any_rule in zip(LESION_METRICS, LESION_METRICS_ANY)})
+    out["nsd_tol_mm"] = V1_NSD_TOLERANCE_MM
+    out["pred_empty"], out["ref_empty"] = int(case["vol_pred_ml"] == 0), int(case["vol_ref_ml"] == 0)
+    return out
 
 
 def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],

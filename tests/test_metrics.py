@@ -12,7 +12,8 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from bench.metrics import (DEFAULT_NSD_TOLERANCE_MM, HIGHER_IS_BETTER, INT_METRICS, LOWER_IS_BETTER, METRICS,
-                           case_metrics, higher_is_better, lesion_components, match_one_to_one)
+                           METRICS_V1, case_metrics, higher_is_better, lesion_components, match_one_to_one,
+                           upgrade_v1)
 
 SPACING = (2.5, 0.7, 0.9)  # z, y, x: thick slices as in head-and-neck CT
 LESIONS = ("tp", "fp", "fn", "precision", "recall", "f1")
@@ -286,6 +287,27 @@ def test_dataset_tolerances():
         tol = DATASETS.get(name).nsd_tolerance_mm
         assert isinstance(tol, float) and tol > 0, name
         assert case_metrics(cube(), cube(), SPACING, nsd_tolerance_mm=tol)["nsd_tol_mm"] == tol
+
+
+def test_version_1_records_keep_what_they_measured():
+    # What version 1 recorded for the merged-blob case: NSD at 1 mm, lesions under the any-overlap rule.
+    pred, ref = line_case(12, [(1, 5), (6, 10)], [(1, 10)])
+    now = case_metrics(pred, ref, SPACING)
+    v1 = {**{k: now[k] for k in ("dice", "hd95", "assd", "vol_pred_ml", "vol_ref_ml")},
+          "nsd": case_metrics(pred, ref, SPACING, nsd_tolerance_mm=1.0)["nsd"],
+          **{f"lesion_{f}": now[f"lesion_{f}_any"] for f in LESIONS}}
+    assert set(v1) == set(METRICS_V1)
+    up = upgrade_v1(v1)
+    assert tuple(up) == METRICS
+    unknown = {"nsd_voxel", "nsd_voxel_tol_mm", *(f"lesion_{f}" for f in LESIONS)}  # one-to-one: not measured
+    assert {k for k, v in up.items() if math.isnan(v)} == unknown
+    assert {k: v for k, v in up.items() if k not in unknown} == {
+        **{k: v1[k] for k in ("dice", "hd95", "assd", "nsd", "vol_pred_ml", "vol_ref_ml")}, "nsd_tol_mm": 1.0,
+        **{f"lesion_{f}_any": v1[f"lesion_{f}"] for f in LESIONS}, "pred_empty": 0, "ref_empty": 0}
+    assert v1["lesion_tp"] == 2 and now["lesion_tp"] == 1  # the renaming matters here
+    assert upgrade_v1({**v1, "vol_pred_ml": 0.0})["pred_empty"] == 1
+    with pytest.raises(ValueError, match="missing lesion_f1"):
+        upgrade_v1({k: v for k, v in v1.items() if k != "lesion_f1"})
 
 
 def test_rejects_bad_input():
