@@ -116,8 +116,9 @@ INT_METRICS = ("lesion_tp", "lesion_fp", "lesion_fn", "lesion_tp_any", "lesion_f
 DEFAULT_NSD_TOLERANCE_MM = 2.0
 HD_PERCENTILE = 95
 # One-to-one lesion matching: a (reference, prediction) pair can be matched when
-# its IoU reaches this value. 0.1 accepts the loose overlap usual for small
-# nodes while excluding a one-voxel graze of a node.
+# its IoU reaches this value (inclusive). 0.1 accepts the loose overlap usual for
+# small nodes, while a prediction that only grazes a node (a voxel of a node of
+# more than ten voxels) is no match.
 LESION_IOU_THRESHOLD = 0.1
 LESION_STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 
