@@ -26,7 +26,7 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 import pandas as pd
 
-from bench.metrics import METRICS
+from bench.metrics import INT_METRICS, METRICS, upgrade_v1
 
 SCHEMA_VERSIONS = (1,)
 CELL = ["dataset", "method", "shots", "repeat"]
@@ -34,8 +34,9 @@ KEY = CELL + ["case_id"]
 COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", *METRICS,
                  "trainable_params", "changed_params", "train_seconds", "peak_memory_mb", "device"]
 STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "params_source", "device"]
-INT_COLUMNS = ["shots", "repeat", "lesion_tp", "lesion_fp", "lesion_fn"]
-COUNT_COLUMNS = ["iterations", "trainable_params", "changed_params"]  # integers that may be unknown
+INT_COLUMNS = ["shots", "repeat"]
+# integers that may be unknown (metric counts: a version-1 result has no one-to-one lesion counts)
+COUNT_COLUMNS = ["iterations", "trainable_params", "changed_params", *INT_METRICS]
 # Columns that older snapshots lack, with the value they are read as.
 LATER_COLUMNS = {"iterations": "nan", "params_source": "unknown"}
 FLOAT_FORMAT = "%.6g"
@@ -126,7 +127,9 @@ def _read_result(file: Path):
                "trainable_params": params["trainable"], "changed_params": params["changed"],
                "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
                "device": cost.get("device", spec.get("device"))}
-        rows = [{**run, "case_id": c["case_id"], **{m: c[m] for m in METRICS}} for c in res["cases"]]
+        version_1 = res.get("metrics_version", 1) == 1
+        rows = [{**run, "case_id": c["case_id"], **(upgrade_v1(c) if version_1 else {m: c[m] for m in METRICS})}
+                for c in res["cases"]]
     except KeyError as e:
         raise ValueError(f"{file}: result is missing the field {e}") from None
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -160,6 +163,9 @@ def read_snapshot(path: Source) -> pd.DataFrame:
     # Strings stay strings (a case id "NA" is not a missing value); only "nan" is missing, in numbers.
     df = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS}, keep_default_na=False,
                      na_values={c: ["nan"] for c in COLUMNS if c not in STRING_COLUMNS})
+    if "nsd_voxel" not in df.columns:  # written under metrics version 1
+        df = pd.concat([df.drop(columns=[c for c in METRICS if c in df.columns]),
+                        pd.DataFrame([upgrade_v1(r) for r in df.to_dict("records")], index=df.index)], axis=1)
     for c, value in LATER_COLUMNS.items():
         if c not in df.columns:
             df[c] = np.nan if value == "nan" else value
@@ -188,10 +194,13 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
                     "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
                     "params_source": "default", "dice": d, "hd95": 20 * (1 - d),
-                    "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "lesion_tp": 2, "lesion_fp": int(d < 0.7),
-                    "lesion_fn": int(d < 0.8), "lesion_precision": 1 / (1 + int(d < 0.7)),
-                    "lesion_recall": 2 / (2 + int(d < 0.8)), "lesion_f1": d, "vol_pred_ml": 2 * d,
-                    "vol_ref_ml": 2.0, "trainable_params": 1000 * (1 + len(method)),
+                    "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "nsd_voxel": min(1.0, d + 0.1),
+                    "nsd_tol_mm": 2.0, "nsd_voxel_tol_mm": 2.5,
+                    **{f"lesion_{k}{rule}": v for rule in ("", "_any") for k, v in (
+                        ("tp", 2), ("fp", int(d < 0.7)), ("fn", int(d < 0.8)),
+                        ("precision", 1 / (1 + int(d < 0.7))), ("recall", 2 / (2 + int(d < 0.8))), ("f1", d))},
+                    "vol_pred_ml": 2 * d, "vol_ref_ml": 2.0, "pred_empty": 0, "ref_empty": 0,
+                    "trainable_params": 1000 * (1 + len(method)),
                     "changed_params": 900 * (1 + len(method)), "train_seconds": 30.0 + s,
                     "peak_memory_mb": 800.0, "device": "cpu"})
     return _typed(pd.DataFrame(rows)).sort_values(KEY, ignore_index=True)

@@ -198,7 +198,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     from bench.engine.preprocess import transfer_plans
     from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder
     from bench.methods import get_method
-    from bench.metrics import case_metrics
+    from bench.metrics import METRICS_VERSION, case_metrics
     from bench.protocols import Protocol
     import SimpleITK as sitk
 
@@ -243,12 +243,14 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     for cid in eval_ids:
         seg, spacing = predict_case(predictor, dataset.image_files(cid))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(dataset.label_file(cid)))
-        cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing)})
+        cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing,
+                                                     nsd_tolerance_mm=dataset.nsd_tolerance_mm)})
 
     summary = {f"{k}_mean": float(np.mean([c[k] for c in cases])) for k in cases[0] if k != "case_id"}
     summary["dice_median"] = float(np.median([c["dice"] for c in cases]))
     result = {
-        "schema_version": RESULT_SCHEMA_VERSION, "run_id": spec.run_id(), "code_version": bench.__version__,
+        "schema_version": RESULT_SCHEMA_VERSION, "metrics_version": METRICS_VERSION,
+        "run_id": spec.run_id(), "code_version": bench.__version__,
         "spec": {**asdict(spec), "lr": lr, "hparams": method.hp, "foundation": foundation.name,
                  "protocol_version": protocol.version, "device": dev.type},
         "support": split.support, "tune": split.tune, "evaluated": spec.evaluate_on,

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from bench.runner import RunSpec, run_dir
 
 EXECUTORS = ("local", "ray", "slurm")
-DEFAULT_STEP_SECONDS = 0.45   # CPU, phantom foundation (DESIGN.md section 9); used when nothing was measured
+DEFAULT_STEP_SECONDS = 0.45   # CPU, phantom foundation (measured on 2 cores); used when nothing was measured
 CELL_OVERHEAD_SECONDS = 20.0  # preprocessing, prediction of the test cases, tracking
 
 

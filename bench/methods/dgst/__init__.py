@@ -1,6 +1,6 @@
 """DGST (Dynamic Gradient Sparsification Training) and its ablations.
 
-Rule (DESIGN.md section 4):
+Rule (docs/design.md, "DGST"):
 1. Hierarchical freezing: norm affine parameters, every bias and the
    segmentation heads are always trained; positional embeddings / class tokens
    are always frozen; every other weight tensor is "sparse".
