@@ -24,7 +24,7 @@ from torch import nn
 from bench.methods import METHODS
 from bench.methods.base import Method, MethodContext, is_head, norm_parameter_names
 from bench.methods.dgst.released import released_selection
-from bench.methods.dgst.selection import mask_from_indices, random_indices, topk_indices
+from bench.methods.dgst.selection import entries_per_row, mask_from_indices, random_indices, topk_indices
 from bench.methods.penalty import FoundationAnchor
 
 ALWAYS_FROZEN_KEYS = ("pos_embed", "cls_token", "absolute_pos_embed", "position_embedding")
@@ -77,6 +77,16 @@ class _SparseUpdateMethod(Method):
     def select(self, name: str, p: torch.Tensor, step: int) -> torch.Tensor:
         """Flat indices of the entries of ``p`` to update at this step."""
         raise NotImplementedError
+
+    def updates_per_step(self, network: nn.Module) -> Optional[int]:
+        """Every dense entry plus ``entries_per_row(gamma)`` per kernel of each sparse tensor."""
+        params = dict(network.named_parameters())
+        dense = sum(params[n].numel() for n in self.groups["dense"])
+        sparse = 0
+        for p in self.sparse.values():
+            rows = p.shape[0] if p.dim() > 1 else 1
+            sparse += rows * entries_per_row(self.hp["gamma"], p.numel() // rows)
+        return int(dense + sparse)
 
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
@@ -155,8 +165,11 @@ class DGST(_SparseUpdateMethod):
 
     @classmethod
     def search_space(cls, trial):
+        # penalty on/off first: the paper's no-penalty recipe (penalty = 0) must be reachable,
+        # which a log-uniform range never is.
+        on = trial.suggest_categorical("penalty_on", [False, True])
         return {"gamma": trial.suggest_categorical("gamma", [1, 2, 4, 8]),
-                "penalty": trial.suggest_float("penalty", 1e-6, 1e-1, log=True)}
+                "penalty": trial.suggest_float("penalty", 1e-6, 1e-1, log=True) if on else 0.0}
 
 
 @METHODS.register("dgst-random")
@@ -175,6 +188,9 @@ class DGSTStatic(_SparseUpdateMethod):
     name = "dgst-static"
     summary = "ablation: DGST freezing, selection fixed once from support-set gradients"
     defaults = {**_SparseUpdateMethod.defaults, "calibration_batches": 4}
+
+    def calibration_passes(self) -> int:
+        return int(self.hp["calibration_batches"])  # paid for with as many fewer training steps
 
     def on_train_start(self, trainer) -> None:
         """Accumulate |grad| over a few support batches before training, then fix the masks."""
@@ -199,12 +215,15 @@ class DGSTStatic(_SparseUpdateMethod):
 class DGSTReleased(Method):
     """What LN-Seg-FM's released trainer does: it computes a selection (dense identity,
     two argsorts per tensor, on the mixed-precision path) but never fills the mask
-    dictionary, so every parameter is updated: full fine-tuning with its recipe."""
+    dictionary, so every parameter is updated: full fine-tuning with its recipe, nnU-Net's
+    optimizer (SGD, momentum 0.99, nesterov, weight decay 3e-5) at lr 1e-3, the full gradient
+    clipped at norm 12 (the engine's clipping: every trainable parameter is in it)."""
 
     name = "dgst-released"
-    summary = "ablation: the released trainer's behaviour (empty masks -> full fine-tuning, lr 1e-3)"
+    summary = ("ablation: the released trainer's behaviour (empty masks -> full fine-tuning; "
+               "SGD nesterov momentum 0.99, wd 3e-5, lr 1e-3)")
     defaults = {"gamma": 2}
-    spec_overrides = {"lr": 1e-3}
+    spec_overrides = {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 3e-5}
 
     def prepare(self, network, ctx):
         self.amp = ctx.device.type == "cuda"
