@@ -167,3 +167,18 @@ def test_dgst_reports_entries_updated_per_step():
         p.shape[0] * entries_per_row(2, p[0].numel()) for p in method.sparse.values())
     assert method.updates_per_step(net) == expected < sum(p.numel() for p in net.parameters())
     assert get_method("full").updates_per_step(net) is None
+
+
+@pytest.mark.slow
+def test_static_calibration_is_paid_from_the_budget_end_to_end(bench_home, tiny_foundation):
+    """dgst-static with 7 iterations: 4 calibration passes + 3 steps (an epoch of 2, then a cut one of 1)."""
+    from bench.runner import run
+    spec = RunSpec(method="dgst-static", shots=1, iterations=7, eval_every=2, foundation=str(tiny_foundation),
+                   device="cpu")
+    result = run(spec, log=lambda *_: None)
+    budget = result["provenance"]["budget"]
+    assert (budget["train_steps"], budget["calibration_passes"]) == (3, 4)
+    assert result["cost"]["forward_backward_passes"] == 7 == spec.iterations
+    assert len(result["epochs"]) == 2
+    assert result["provenance"]["seed"]["value"] == spec.resolved_seed()[0]
+    assert result["run_id"] == spec.run_id() and (bench_home / "runs").exists()

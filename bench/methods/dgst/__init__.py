@@ -13,6 +13,21 @@ Rule (DESIGN.md section 4):
    weight decay cannot move a non-selected entry of the weight or of its
    optimizer state (momentum, Adam moments).
 4. Optional ``penalty`` * ||theta - theta_foundation||^2.
+
+With Adam / AdamW the rule is *lazy Adam* (the semantics of ``torch.optim.SparseAdam``):
+an entry's moments (``exp_avg``, ``exp_avg_sq``) move only at steps where it is
+selected and do not decay in between; they start at 0 the first time it is
+selected. Adam's step count, and so its bias correction, stays per tensor: it
+counts every step at which the tensor had a selection (every step, in practice).
+An entry first selected at step t therefore gets the bias correction of step t on
+moments that saw one gradient: its first update is a fresh Adam's (lr x sign(grad))
+times (1 - beta1) / (1 - beta1^t) / sqrt((1 - beta2) / (1 - beta2^t)), with the
+default betas about 0.5x at t = 10, 1x at t = 100 and 3.2x for large t. Per-entry
+step counts would need an Adam of our own; this
+rule keeps torch's update bit for bit on the selected entries
+(tests/test_dgst.py pins both). With SGD there is no step count: momentum and
+weight decay touch only selected entries, so each entry sees exactly SGD on the
+steps at which it was selected.
 """
 from __future__ import annotations
 
