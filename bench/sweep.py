@@ -112,18 +112,24 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
 
 
 def estimate_seconds(specs: Iterable[RunSpec], tune_trials: int = 0) -> Dict[str, float]:
-    """Dry-run cost: iterations x measured median step time per method (from earlier results), else default."""
+    """Dry-run cost: iterations x measured median step time per method (from earlier results), else default.
+    With tuning, the first cell of each study also pays for the study: trials x its repeats runs."""
+    from bench.tuning import DEFAULT_REPEATS
     from bench.home import bench_home
     measured: Dict[str, List[float]] = {}
     for path in (bench_home() / "runs").rglob("result.json"):
         r = json.loads(path.read_text())
         if r.get("cost", {}).get("step_seconds_median"):
             measured.setdefault(r["spec"]["method"], []).append(r["cost"]["step_seconds_median"])
-    out = {}
+    out, studies = {}, set()
     for s in specs:
         step = sorted(measured[s.method])[len(measured[s.method]) // 2] if s.method in measured \
             else DEFAULT_STEP_SECONDS
-        out[cell_key(s)] = (1 + tune_trials) * (s.iterations * step + CELL_OVERHEAD_SECONDS)
+        one = s.iterations * step + CELL_OVERHEAD_SECONDS
+        tuning = tune_trials * DEFAULT_REPEATS * one if tune_trials and (s.method, s.dataset, s.shots) not in studies \
+            else 0.0
+        studies.add((s.method, s.dataset, s.shots))
+        out[cell_key(s)] = one + tuning
     return out
 
 

@@ -97,7 +97,7 @@ def print_result(result: dict) -> None:
 
 
 def print_provenance(prov: dict) -> None:
-    f, r, b, code = prov["foundation"], prov["recipe"], prov["budget"], prov["code"]
+    f, r, b, code, hp = prov["foundation"], prov["recipe"], prov["budget"], prov["code"], prov["hyperparameters"]
     src = ", ".join(f"{k} {v}" for k, v in r["source"].items())
     print("provenance:")
     rows = [
@@ -108,7 +108,7 @@ def print_provenance(prov: dict) -> None:
                    f"{b['calibration_passes']} calibration; batch {b['batch_size']}, "
                    f"patch {'x'.join(map(str, b['patch_size']))}"),
         ("seed", f"{prov['seed']['value']}  ({prov['seed']['source']})"),
-        ("hyper-parameters", f"{prov['hyperparameters']['values'] or '-'}  (source: {prov['hyperparameters']['source']})"),
+        ("hyper-parameters", f"{hp['values'] or '-'}  (source: {hp['source']})"),
         ("code", f"bench {code['version']}, git {code['git_commit'] or 'n/a'}"
                  + (" (uncommitted changes)" if code.get("git_dirty") else "")),
         ("packages", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())),
