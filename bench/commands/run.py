@@ -70,6 +70,9 @@ def main(args) -> int:
         tuned = load_tuned(args.method, args.dataset, args.shots)
         overrides.update(tuned.spec_overrides(explicit=overrides))
         args.iterations = overrides.pop("iterations", args.iterations)  # set only if iterations were tuned
+        for k in ("optimizer", "weight_decay"):  # the recipe the study tuned under, unless given here
+            if getattr(args, k) is None:
+                setattr(args, k, tuned.data["budget"].get(k))
     elif args.params != "default":
         raise ValueError("--params takes 'default' or 'tuned'")
     result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)
