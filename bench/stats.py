@@ -131,21 +131,33 @@ class Paired:
 
 
 def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
-    """Refuse to pair methods trained for different numbers of iterations, or tuned against untuned
-    ones: that compares budgets, not methods. Results of unknown budget (snapshots that predate these
-    columns) are not checked."""
-    from bench.results import params_kind
+    """Refuse to pair results of different foundation checkpoints or protocol versions, methods trained
+    for different numbers of iterations or batch sizes, or tuned against untuned ones: that compares
+    set-ups, not methods. Values that are not recorded (snapshots that predate these columns) are not
+    checked."""
+    from bench.results import UNKNOWN, params_kind
 
-    def require_one(values: pd.Series, what: str, option: str) -> None:
+    def require_one(values: pd.Series, what: str, option: Optional[str]) -> None:
         """Every method must have the same single value (missing values are not checked)."""
         per_method = values.dropna().groupby(sub["method"]).agg(lambda v: sorted(set(v)))
         if len({tuple(v) for v in per_method}) > 1 or any(len(v) > 1 for v in per_method):
             listing = "; ".join(f"{m}: {', '.join(map(str, v))}" for m, v in per_method.items())
-            raise ValueError(f"{dataset} {shots}-shot: methods differ in {what} ({listing}); a comparison needs "
-                             f"equal budgets. Keep one with `{option}` (bench leaderboard / bench report), or "
-                             f"re-run the cells alike.")
+            raise ValueError(f"{dataset} {shots}-shot: results differ in {what} ({listing}); a comparison needs "
+                             f"one set-up and equal budgets. "
+                             + (f"Keep one with `{option}` (bench leaderboard / bench report), or re-run "
+                                f"the cells alike." if option else "Re-run the cells alike."))
+
+    def known(column: str) -> pd.Series:  # a string column, "unknown" as missing
+        return sub[column].where(sub[column] != UNKNOWN)
+    if "foundation_sha256" in sub.columns:
+        require_one(known("foundation_sha256").str[:12], "foundation checkpoint (sha256)",
+                    "--foundation NAME|SHA256-PREFIX")
+    if "protocol_version" in sub.columns:
+        require_one(known("protocol_version"), "protocol version", "--protocol VERSION")
     if "iterations" in sub.columns:
         require_one(sub["iterations"].astype("Int64"), "training iterations", "--iterations N")
+    if "batch_size" in sub.columns:
+        require_one(sub["batch_size"].astype("Int64"), "batch size", None)
     if "params_source" in sub.columns:
         kinds = sub["params_source"].map(params_kind)
         require_one(kinds.where(kinds != "unknown"), "hyper-parameters (tuned vs default)", "--params default|tuned")
