@@ -6,14 +6,27 @@ STAMP   := $(VENV)/.installed
 # torch and torchvision first, as a matched pair: torch 2.13 CPU with PyPI torchvision fails to import.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test install clean
+EXTRAS  := --extra test --extra scale --extra ui
 
-$(STAMP): pyproject.toml
+.PHONY: demo test install lock clean
+
+# Exact versions from requirements.lock (refresh: make lock); the package itself without resolving again.
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,scale]'
+	$(BIN)/pip install -q -r requirements.lock
+	# setuptools' note on editable installs is the only text left otherwise
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Re-resolve every dependency (Python 3.10+, all platforms) with torch held at $(TORCH).
+lock:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q uv
+	printf '%s\n' $(TORCH) > $(VENV)/torch-pins.txt
+	$(BIN)/uv pip compile pyproject.toml $(EXTRAS) -c $(VENV)/torch-pins.txt --universal \
+		--python-version 3.10 --no-header -q -o requirements.lock
 
 install: $(STAMP)
 

@@ -1,14 +1,17 @@
 """Leaderboards: ``leaderboards/<dataset>.{md,csv,png}``, generated, never edited by hand.
 
-Per dataset and shots, methods are ranked by mean Dice over the paired
-(repeat, test case) blocks, with a two-level bootstrap CI. The leader of each
-shots is marked ``leader``; ``*`` marks a method significantly worse than the
-leader (paired Wilcoxon signed-rank, Holm-corrected over the comparisons with
-the leader, p < 0.05). NSD, HD95 and lesion F1 are means over the same blocks;
-trainable parameters, train seconds and peak memory are means over runs.
+Per dataset and shots, methods are ranked by mean Dice over the paired repeat x case grid, with a 95 %
+crossed t CI (``bench.stats``: both test cases and support draws are random). Reference rows (role
+``reference`` in ``bench.methods.roles``: zero-shot, oracle) are shown and marked but are never the
+leader and never in a test family. The leader is the best of the other rows; ``*`` marks a method
+significantly worse than the leader by the crossed t test, Holm-corrected over **all pairs** of the
+non-reference methods: the leader is chosen from the data, so only a family that covers every pair
+holds its error rate whichever method leads (``tests/test_calibration.py``). NSD, HD95 and lesion F1
+are means over the same blocks; trainable, changed parameters, train seconds and peak memory are
+means over runs. The caption says what produced the table (``bench.report.provenance``).
 
-Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no
-timestamps, PNGs without software metadata.
+Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no timestamps, PNGs without
+software metadata.
 """
 from __future__ import annotations
 
@@ -18,15 +21,30 @@ from typing import List
 import numpy as np
 import pandas as pd
 
-from bench.metrics import DEFAULT_NSD_TOLERANCE_MM
-from bench.report import fmt, fmt_ci, markdown_table, p_text, palette, save_figure  # sets the Agg backend
+from bench.report import fmt, fmt_ci, markdown_table, p_text, palette, provenance, save_figure  # Agg backend
 import matplotlib.pyplot as plt  # noqa: E402  (after bench.report chose the backend)
-from bench.stats import ALPHA, N_BOOT, paired_table, summary, vs_reference
+from bench.methods.roles import role  # noqa: E402
+from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
 
-LEADER, WORSE = "leader", "*"
-COLUMNS = ["shots", "rank", "method", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
-           "nsd", "hd95", "lesion_f1", "trainable_params", "train_seconds", "peak_memory_mb",
-           "blocks", "protocol_version", "iterations", "params_source"]
+LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
+COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
+           "nsd", "nsd_tol_mm", "hd95", "lesion_f1", "lesion_f1_any", "trainable_params", "updated_per_step", "changed_params", "train_seconds",
+           "peak_memory_mb", "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source"]
+
+
+def leader_tests(paired, ranked: List[str], alpha: float = ALPHA) -> pd.DataFrame:
+    """Leader (best non-reference method of ``ranked``, best first) against every other non-reference
+    method: rows b, p_holm (Holm over all pairs of non-reference methods), worse (p_holm < alpha). No
+    rows with fewer than ``MIN_REPEATS_FOR_FAMILIES`` repeats: such a family does not hold its level."""
+    contenders = [m for m in ranked if role(m) != "reference"]
+    if len(contenders) < 2 or paired.repeats < MIN_REPEATS_FOR_FAMILIES:
+        return pd.DataFrame({"b": [], "p_holm": [], "worse": []})
+    leader = contenders[0]
+    pairs = all_pairs(paired, methods=sorted(contenders), alpha=alpha)
+    with_leader = pairs[(pairs.a == leader) | (pairs.b == leader)]
+    other = np.where(with_leader.a == leader, with_leader.b, with_leader.a)
+    return pd.DataFrame({"b": other, "p_holm": with_leader.p_holm.to_numpy(),
+                         "worse": with_leader.p_holm.to_numpy() < alpha})
 
 
 def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed: int = 0,
@@ -37,26 +55,37 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
     for shots in sorted(data["shots"].unique()):
         paired = paired_table(data, dataset, int(shots))
         s = summary(paired, n_boot=n_boot, seed=seed, alpha=alpha)
-        t = pd.DataFrame({"shots": int(shots), "method": s.method, "dice_mean": s["mean"],
-                          "dice_lo": s.mean_lo, "dice_hi": s.mean_hi, "blocks": len(paired.values)})
-        t["rank"] = t.dice_mean.rank(ascending=False, method="min").astype(int)
-        leader = t.method.iloc[0]
+        t = pd.DataFrame({"shots": int(shots), "method": s.method, "role": s.method.map(role),
+                          "dice_mean": s["mean"], "dice_lo": s.mean_lo, "dice_hi": s.mean_hi,
+                          "repeats": paired.repeats, "cases": paired.cases})
+        contender = t.role != "reference"
+        t["rank"] = t.dice_mean.where(contender).rank(ascending=False, method="min").astype("Int64")
         t["p_vs_leader_holm"] = np.nan
-        t["marker"] = ""
-        if len(t) > 1:
-            tests = vs_reference(paired, leader, n_boot=n_boot, seed=seed, alpha=alpha).set_index("b")
+        t["marker"] = np.where(contender, "", REFERENCE_ROW)
+        tests = leader_tests(paired, list(s.method), alpha).set_index("b")
+        if contender.any():
             t = t.set_index("method")
-            t.loc[tests.index, "p_vs_leader_holm"] = tests.p_wilcoxon_holm
-            t.loc[tests.index[tests.p_wilcoxon_holm < alpha], "marker"] = WORSE
+            t.loc[tests.index, "p_vs_leader_holm"] = tests.p_holm
+            t.loc[tests.index[tests.worse], "marker"] = WORSE
+            t.loc[t.index[contender.to_numpy()][0], "marker"] = LEADER
             t = t.reset_index()
-        t.loc[t.method == leader, "marker"] = LEADER
 
         # Secondary metrics on the same blocks; costs once per run (they repeat on every case row).
         rows = data[data["shots"] == shots].set_index(["repeat", "case_id"])
         rows = rows[rows.index.isin(paired.values.index)].reset_index()
-        per_case = rows.groupby("method")[["nsd", "hd95", "lesion_f1"]].mean()
+        for c in ("nsd_tol_mm", "lesion_f1_any"):   # results that predate these columns
+            if c not in rows.columns:
+                rows[c] = np.nan
+        per_case = rows.groupby("method")[["nsd", "nsd_tol_mm", "hd95", "lesion_f1", "lesion_f1_any"]].mean()
+        if "pred_empty" in rows.columns and rows.pred_empty.notna().any():
+            per_case["empty_pred"] = rows.groupby("method")["pred_empty"].sum().astype(int)
+        else:
+            per_case["empty_pred"] = pd.NA
         runs = rows.drop_duplicates(["method", "repeat"])
-        per_run = runs.groupby("method")[["trainable_params", "train_seconds", "peak_memory_mb"]].mean()
+        if "updated_per_step" not in runs.columns:   # results that predate the column
+            runs = runs.assign(updated_per_step=np.nan)
+        counts = ["trainable_params", "updated_per_step", "changed_params", "train_seconds", "peak_memory_mb"]
+        per_run = runs[counts].astype(float).groupby(runs["method"]).mean()
         listed = runs.groupby("method")[["protocol_version", "params_source"]].agg(lambda v: ",".join(sorted(set(v))))
         budget = runs.groupby("method")["iterations"].agg(
             lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
@@ -65,7 +94,9 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
     out = pd.concat(tables, ignore_index=True)[COLUMNS]
-    out["trainable_params"] = out["trainable_params"].astype(float)
+    for c in ("trainable_params", "updated_per_step", "changed_params"):
+        out[c] = out[c].astype(float)
+    out["empty_pred"] = out["empty_pred"].astype("Int64")
     return out
 
 
@@ -80,36 +111,59 @@ def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N
         csv = out_dir / f"{dataset}.csv"
         table.to_csv(csv, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
         md = out_dir / f"{dataset}.md"
-        md.write_text(_markdown(table, dataset))
+        md.write_text(_markdown(table, dataset, provenance(df, dataset)))
         written += [md, csv, _figure(table, dataset, out_dir / f"{dataset}.png")]
     return written
 
 
-def _markdown(table: pd.DataFrame, dataset: str) -> str:
+def _count(v) -> str:
+    return "n/a" if pd.isna(v) else f"{v:,.0f}"
+
+
+def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
+    tolerances = sorted(set(table.nsd_tol_mm.dropna()))
+    nsd_at = f"at {', '.join(f'{t:g}' for t in tolerances)} mm" if tolerances else "(tolerance not recorded)"
     lines = [f"# Leaderboard: {dataset}", "",
              "Generated by `bench leaderboard` from `leaderboards/results.csv`; do not edit by hand.", "",
-             "Dice: mean over (support repeat, test case) blocks that every method has, with a 95 % two-level "
-             "bootstrap CI (repeats, then cases). "
-             f"`{LEADER}`: highest mean Dice for that number of shots; `{WORSE}`: significantly worse than the "
-             f"leader (paired Wilcoxon signed-rank, Holm-corrected over the comparisons with the leader, "
-             f"p < {ALPHA}). NSD at {DEFAULT_NSD_TOLERANCE_MM:g} mm, HD95 in mm and lesion F1 are means over the "
-             "same blocks; trainable parameters, training time and peak memory are means over runs. Every method "
-             "of a table was trained for the same number of iterations (results of unequal budgets are refused); "
-             "hyper-parameters: `default` or the Optuna study that tuned them.", ""]
+             *[f"- {line}" for line in caption], "",
+             "Dice: mean over the repeat x test case grid that every method has, with a 95 % CI from the crossed "
+             "random-effects t procedure of `bench/stats.py` (test cases and support draws both random, so the "
+             f"interval and the tests generalise to new cases and new support sets; clipped to [0, 1]). `{LEADER}`: highest mean Dice "
+             f"among the non-reference methods; `{WORSE}`: significantly worse than the leader (crossed t test, "
+             f"Holm-corrected over all pairs of non-reference methods, p < {ALPHA}); `{REFERENCE_ROW}`: a bound on "
+             "the task (zero-shot, oracle), never the leader nor tested. Role: `proposed` (DGST), `ablation` "
+             "(DGST's variants), `baseline` (the existing methods the claim is about), `control` (from scratch). "
+             f"NSD {nsd_at}, HD95 in mm and lesion F1 (one-to-one matching; `any`: the any-overlap rule) are "
+             "means over the same blocks; "
+             "`empty pred`: blocks whose prediction was empty (scored by the empty-mask rules). Trainable: "
+             "parameters the method lets the optimizer update; updated per step: entries a step may change (DGST "
+             "selects a few per kernel); changed: entries that differ from the foundation after training (what "
+             "the method actually updated in total); these, training time and peak memory are means over runs.",
+             ""]
     for shots, t in table.groupby("shots", sort=True):
-        lines += [f"## {shots}-shot", "", markdown_table(pd.DataFrame({
-            "rank": t["rank"],
+        lines += [f"## {shots}-shot", ""]
+        if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:
+            lines += [f"No `{WORSE}` markers: {t.repeats.min()} support repeats are too few for a family of tests "
+                      f"to hold its error rate (at least {MIN_REPEATS_FOR_FAMILIES}; `tests/test_calibration.py`).",
+                      ""]
+        lines += [markdown_table(pd.DataFrame({
+            "rank": t["rank"].map(lambda r: "-" if pd.isna(r) else str(r)),
             "method": t.method,
+            "role": t.role,
             "Dice [95% CI]": [fmt_ci(*r) for r in t[["dice_mean", "dice_lo", "dice_hi"]].values],
             "vs leader": [f"{m} ({p_text(p)})" if m == WORSE else m
                           for m, p in t[["marker", "p_vs_leader_holm"]].values],
             "NSD": t.nsd.map(fmt),
             "HD95 (mm)": t.hd95.map(lambda v: fmt(v, 2)),
             "lesion F1": t.lesion_f1.map(fmt),
-            "trainable params": t.trainable_params.map(lambda v: "n/a" if np.isnan(v) else f"{v:,.0f}"),
+            "lesion F1 any": t.lesion_f1_any.map(fmt),
+            "empty pred": t.empty_pred.map(lambda v: "n/a" if pd.isna(v) else str(v)),
+            "trainable params": t.trainable_params.map(_count),
+            "updated per step": t.updated_per_step.map(_count),
+            "changed params": t.changed_params.map(_count),
             "train s": t.train_seconds.map(lambda v: fmt(v, 1)),
             "peak MB": t.peak_memory_mb.map(lambda v: fmt(v, 0)),
-            "blocks": t.blocks,
+            "repeats x cases": [f"{r} x {c}" for r, c in t[["repeats", "cases"]].values],
             "protocol": t.protocol_version,
             "iterations": t.iterations,
             "hyper-parameters": t.params_source})), ""]
@@ -117,7 +171,7 @@ def _markdown(table: pd.DataFrame, dataset: str) -> str:
 
 
 def _figure(table: pd.DataFrame, dataset: str, path: Path) -> Path:
-    """Mean Dice with CI per method, one panel per shots, best on top."""
+    """Mean Dice with CI per method, one panel per shots, best on top; reference rows hollow and grey."""
     shots = sorted(table["shots"].unique())
     colours = palette(list(table.method.unique()))
     n_methods = table.groupby("shots").size().max()
@@ -127,10 +181,12 @@ def _figure(table: pd.DataFrame, dataset: str, path: Path) -> Path:
         t = table[table.shots == s].iloc[::-1]  # best at the top
         y = np.arange(len(t))
         for yi, r in zip(y, t.itertuples()):
+            ref = r.marker == REFERENCE_ROW
             ax.errorbar(r.dice_mean, yi, xerr=[[r.dice_mean - r.dice_lo], [r.dice_hi - r.dice_mean]],
-                        fmt="o", capsize=3, color=colours[r.method])
-        ax.set_yticks(y, [f"{r.method} ({LEADER})" if r.marker == LEADER else f"{r.method} {r.marker}".strip()
-                          for r in t.itertuples()])
+                        fmt="o", capsize=3, color="0.5" if ref else colours[r.method], mfc="none" if ref else None,
+                        linestyle="none")
+        ax.set_yticks(y, [f"{r.method} ({r.marker})" if r.marker in (LEADER, REFERENCE_ROW)
+                          else f"{r.method} {r.marker}".strip() for r in t.itertuples()])
         ax.set(title=f"{s}-shot", xlabel="mean Dice (95% CI)")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{dataset} leaderboard ({WORSE} = significantly worse than the leader)")

@@ -6,9 +6,15 @@ Results evaluated on the tuning split (``"evaluated": "tune"``) are skipped:
 only test-set results are compared. Each row carries its training budget
 (``iterations``) and where its hyper-parameters came from (``params_source``:
 ``default`` or the Optuna study); ``load_results(..., iterations=N)`` keeps one
-budget. One cell is (dataset, method, shots, repeat); when several sources hold
-the same cell, the newest file (by modification time) wins and a warning names
-the files involved.
+budget. Each row also carries its provenance: foundation name and checkpoint
+sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
+seed, hyper-parameters, code version and git commit, package versions, device.
+A cell is (dataset, method, shots, repeat) of one foundation checkpoint and one
+protocol version (``RUN_KEY``); when several sources hold the same cell, the
+newest file (by modification time) wins and a warning names the files involved.
+Results of different foundations or protocol versions are never merged:
+``select_budget(foundation=..., protocol_version=...)`` keeps one, and pairing
+refuses to mix them (``bench.stats.check_equal_budgets``).
 
 The snapshot CSV is the committed, deterministic form of that table: rows
 sorted by cell and case, a fixed column order and fixed float formatting, so
@@ -26,18 +32,29 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 import pandas as pd
 
-from bench.metrics import METRICS
+from bench.metrics import INT_METRICS, METRICS, upgrade_v1
 
-SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSIONS = (1, 2)
 CELL = ["dataset", "method", "shots", "repeat"]
+RUN_KEY = CELL + ["foundation_sha256", "protocol_version"]   # what "the same cell" means for newest-wins
 KEY = CELL + ["case_id"]
+PROVENANCE_COLUMNS = ["foundation", "foundation_sha256", "optimizer", "lr", "weight_decay", "batch_size",
+                      "patch_size", "seed", "hparams", "updated_per_step", "code_version", "git_commit",
+                      "packages", "device_name"]
 COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", *METRICS,
-                 "trainable_params", "changed_params", "train_seconds", "peak_memory_mb", "device"]
-STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "params_source", "device"]
-INT_COLUMNS = ["shots", "repeat", "lesion_tp", "lesion_fp", "lesion_fn"]
-COUNT_COLUMNS = ["iterations", "trainable_params", "changed_params"]  # integers that may be unknown
+                 "total_params", "trainable_params", "changed_params", "train_seconds", "peak_memory_mb",
+                 "device", *PROVENANCE_COLUMNS]
+STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "params_source", "device",
+                  "foundation", "foundation_sha256", "optimizer", "patch_size", "hparams", "code_version",
+                  "git_commit", "packages", "device_name"]
+INT_COLUMNS = ["shots", "repeat"]
+# integers that may be unknown (metric counts: a version-1 result has no one-to-one lesion counts)
+COUNT_COLUMNS = ["iterations", "total_params", "trainable_params", "changed_params", "batch_size", "seed", "updated_per_step",
+                 *INT_METRICS]
+UNKNOWN = "unknown"
 # Columns that older snapshots lack, with the value they are read as.
-LATER_COLUMNS = {"iterations": "nan", "params_source": "unknown"}
+LATER_COLUMNS = {"iterations": "nan", "total_params": "nan", "params_source": UNKNOWN,
+                 **{c: UNKNOWN if c in STRING_COLUMNS else "nan" for c in PROVENANCE_COLUMNS}}
 FLOAT_FORMAT = "%.6g"
 
 Source = Union[str, Path]
@@ -53,21 +70,29 @@ def _check_params(params: Optional[str]) -> None:
         raise ValueError(f"params must be 'default' or 'tuned', not {params!r}")
 
 
-def select_budget(df: pd.DataFrame, iterations: Optional[int] = None, params: Optional[str] = None) -> pd.DataFrame:
-    """Rows trained for ``iterations`` iterations and with ``params`` (``default`` / ``tuned``)
-    hyper-parameters; ``None`` keeps every value."""
+def select_budget(df: pd.DataFrame, iterations: Optional[int] = None, params: Optional[str] = None,
+                  foundation: Optional[str] = None, protocol_version: Optional[str] = None) -> pd.DataFrame:
+    """Rows trained for ``iterations`` iterations, with ``params`` (``default`` / ``tuned``)
+    hyper-parameters, from ``foundation`` (its name, or a prefix of its checkpoint sha256) and
+    ``protocol_version``; ``None`` keeps every value."""
     _check_params(params)
     if iterations is not None:
         df = df[df["iterations"].astype("Int64") == int(iterations)]
     if params is not None:
         df = df[df["params_source"].map(params_kind) == params]
+    if foundation is not None:
+        df = df[(df["foundation"] == foundation) | df["foundation_sha256"].str.startswith(str(foundation))]
+    if protocol_version is not None:
+        df = df[df["protocol_version"] == protocol_version]
     return df
 
 
 def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Optional[int] = None,
-                 params: Optional[str] = None) -> pd.DataFrame:
-    """One row per (dataset, method, shots, repeat, case_id), columns ``COLUMNS``. ``iterations`` and
-    ``params`` keep one budget (``select_budget``), selected before duplicates of a cell are resolved."""
+                 params: Optional[str] = None, foundation: Optional[str] = None,
+                 protocol_version: Optional[str] = None) -> pd.DataFrame:
+    """One row per (dataset, method, shots, repeat, foundation, protocol version, case_id), columns
+    ``COLUMNS``. The keyword arguments keep one budget / foundation / protocol (``select_budget``),
+    selected before duplicates of a cell are resolved."""
     _check_params(params)  # before any file is read
     if isinstance(paths_or_dirs, (str, Path)):
         paths_or_dirs = [paths_or_dirs]
@@ -76,15 +101,15 @@ def load_results(paths_or_dirs: Union[Source, Iterable[Source]], iterations: Opt
         table = read_snapshot(file) if file.suffix == ".csv" else _read_result(file)
         if table is None:
             continue
-        table = select_budget(table, iterations, params)
+        table = select_budget(table, iterations, params, foundation, protocol_version)
         mtime = file.stat().st_mtime
-        for key, rows in table.groupby(CELL, sort=False):
+        for key, rows in table.groupby(RUN_KEY, sort=False):
             candidates[key].append((mtime, str(file), rows))
     kept = []
     for key, cands in candidates.items():
         *older, newest = sorted(cands, key=lambda c: c[:2])
         if older:
-            warnings.warn(f"{len(cands)} results for {dict(zip(CELL, key))}: keeping the newest, {newest[1]}; "
+            warnings.warn(f"{len(cands)} results for {dict(zip(RUN_KEY, key))}: keeping the newest, {newest[1]}; "
                           f"ignoring {', '.join(c[1] for c in older)}", stacklevel=2)
         kept.append(newest[2])
     if not kept:
@@ -123,13 +148,32 @@ def _read_result(file: Path):
         run = {"dataset": spec["dataset"], "method": spec["method"], "shots": spec["shots"],
                "repeat": spec["repeat"], "run_id": res["run_id"], "protocol_version": spec["protocol_version"],
                "iterations": spec["iterations"], "params_source": spec.get("params_source", "default"),
-               "trainable_params": params["trainable"], "changed_params": params["changed"],
-               "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
-               "device": cost.get("device", spec.get("device"))}
-        rows = [{**run, "case_id": c["case_id"], **{m: c[m] for m in METRICS}} for c in res["cases"]]
+               "total_params": params.get("total"), "trainable_params": params["trainable"],
+               "changed_params": params["changed"], "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
+               "device": cost.get("device", spec.get("device")), **_provenance_columns(res)}
+        version_1 = res.get("metrics_version", 1) == 1
+        rows = [{**run, "case_id": c["case_id"], **(upgrade_v1(c) if version_1 else {m: c[m] for m in METRICS})}
+                for c in res["cases"]]
     except KeyError as e:
         raise ValueError(f"{file}: result is missing the field {e}") from None
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _provenance_columns(res: dict) -> dict:
+    """The provenance columns of one result; schema 1 results lack most of it (``unknown`` / nan)."""
+    spec, prov = res["spec"], res.get("provenance")
+    if prov is None:
+        return {**{c: UNKNOWN if c in STRING_COLUMNS else np.nan for c in PROVENANCE_COLUMNS},
+                "foundation": spec.get("foundation", UNKNOWN), "code_version": res.get("code_version", UNKNOWN),
+                "hparams": json.dumps(spec.get("hparams", {}), sort_keys=True)}
+    budget, recipe = prov["budget"], prov["recipe"]
+    return {"foundation": prov["foundation"]["name"], "foundation_sha256": prov["foundation"]["sha256"],
+            "optimizer": recipe["optimizer"], "lr": recipe["lr"], "weight_decay": recipe["weight_decay"],
+            "batch_size": budget["batch_size"], "patch_size": "x".join(map(str, budget["patch_size"])),
+            "seed": prov["seed"]["value"], "hparams": json.dumps(prov["hyperparameters"]["values"], sort_keys=True),
+            "updated_per_step": prov["updated_per_step"] if prov["updated_per_step"] is not None else np.nan,
+            "code_version": prov["code"]["version"], "git_commit": prov["code"]["git_commit"] or "n/a",
+            "packages": json.dumps(prov["versions"], sort_keys=True), "device_name": prov["device"]["name"]}
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -157,9 +201,13 @@ def write_snapshot(df: pd.DataFrame, path: Source) -> Path:
 
 def read_snapshot(path: Source) -> pd.DataFrame:
     path = Path(path)
-    # Strings stay strings (a case id "NA" is not a missing value); only "nan" is missing, in numbers.
+    # Strings stay strings (a case id "NA" is not a missing value); only "nan" (or an empty field, as
+    # pandas writes NaN by default) is missing, in numbers.
     df = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS}, keep_default_na=False,
-                     na_values={c: ["nan"] for c in COLUMNS if c not in STRING_COLUMNS})
+                     na_values={c: ["nan", ""] for c in COLUMNS if c not in STRING_COLUMNS})
+    if "nsd_voxel" not in df.columns:  # written under metrics version 1
+        df = pd.concat([df.drop(columns=[c for c in METRICS if c in df.columns]),
+                        pd.DataFrame([upgrade_v1(r) for r in df.to_dict("records")], index=df.index)], axis=1)
     for c, value in LATER_COLUMNS.items():
         if c not in df.columns:
             df[c] = np.nan if value == "nan" else value
@@ -167,6 +215,12 @@ def read_snapshot(path: Source) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: not a results snapshot (missing columns {', '.join(missing)})")
     return _typed(df).sort_values(KEY, ignore_index=True)
+
+
+SYNTHETIC_PROVENANCE = {"foundation": "synthetic", "foundation_sha256": "0" * 64, "optimizer": "adamw",
+                        "lr": 3e-3, "weight_decay": 3e-5, "batch_size": 2, "patch_size": "32x64x64", "seed": 0,
+                        "hparams": "{}", "updated_per_step": np.nan, "code_version": "synthetic",
+                        "git_commit": "n/a", "packages": "{}", "device_name": "synthetic"}
 
 
 def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int = 5,
@@ -188,10 +242,13 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
                     "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
                     "params_source": "default", "dice": d, "hd95": 20 * (1 - d),
-                    "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "lesion_tp": 2, "lesion_fp": int(d < 0.7),
-                    "lesion_fn": int(d < 0.8), "lesion_precision": 1 / (1 + int(d < 0.7)),
-                    "lesion_recall": 2 / (2 + int(d < 0.8)), "lesion_f1": d, "vol_pred_ml": 2 * d,
-                    "vol_ref_ml": 2.0, "trainable_params": 1000 * (1 + len(method)),
+                    "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "nsd_voxel": min(1.0, d + 0.1),
+                    "nsd_tol_mm": 2.0, "nsd_voxel_tol_mm": 2.5,
+                    **{f"lesion_{k}{rule}": v for rule in ("", "_any") for k, v in (
+                        ("tp", 2), ("fp", int(d < 0.7)), ("fn", int(d < 0.8)),
+                        ("precision", 1 / (1 + int(d < 0.7))), ("recall", 2 / (2 + int(d < 0.8))), ("f1", d))},
+                    "vol_pred_ml": 2 * d, "vol_ref_ml": 2.0, "pred_empty": 0, "ref_empty": 0,
+                    "total_params": 20000, "trainable_params": 1000 * (1 + len(method)),
                     "changed_params": 900 * (1 + len(method)), "train_seconds": 30.0 + s,
-                    "peak_memory_mb": 800.0, "device": "cpu"})
+                    "peak_memory_mb": 800.0, "device": "cpu", **SYNTHETIC_PROVENANCE})
     return _typed(pd.DataFrame(rows)).sort_values(KEY, ignore_index=True)

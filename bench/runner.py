@@ -11,21 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 import bench
+from bench.engine.recipe import HARNESS_DEFAULTS, OPTIMIZERS, Recipe, resolve_recipe
 from bench.home import configure_nnunet_env, subdir
 from bench.memory import MemoryMeter
+from bench.provenance import checkpoint_sha256, derive_seed, device_name, git_commit, versions
 
-RESULT_SCHEMA_VERSION = 1
+RESULT_SCHEMA_VERSION = 2  # 2: provenance block, resolved recipe and seed, foundation hash in the run id
 
 
 @dataclass
@@ -34,11 +35,11 @@ class RunSpec:
     dataset: str = "phantom"
     shots: int = 3
     repeat: int = 0
-    seed: int = 0
-    iterations: int = 60
-    lr: Optional[float] = None           # None: the method's recipe default, else DEFAULT_LR
-    optimizer: str = "adamw"
-    weight_decay: float = 3e-5
+    seed: Optional[int] = None           # None: derived from the protocol and the repeat (provenance.derive_seed)
+    iterations: int = 60                 # forward/backward passes, a method's calibration passes included
+    lr: Optional[float] = None           # None (lr, optimizer, weight_decay): the method's recipe, else the
+    optimizer: Optional[str] = None      # harness default (bench.engine.recipe)
+    weight_decay: Optional[float] = None
     eval_every: int = 10
     batch_size: Optional[int] = None     # None: the plans' batch size
     hparams: Dict[str, Any] = field(default_factory=dict)
@@ -48,18 +49,59 @@ class RunSpec:
     evaluate_on: str = "test"            # "tune" for hyper-parameter search: test cases never touched
     params_source: str = "default"       # "default" or the Optuna study that produced hparams
 
-    def resolved_lr(self, method) -> float:
-        if self.lr is not None:
-            return self.lr
-        return float(method.spec_overrides.get("lr", DEFAULT_LR))
+    def recipe(self) -> Recipe:
+        from bench.methods import METHODS
+        explicit = {"optimizer": self.optimizer, "lr": self.lr, "weight_decay": self.weight_decay}
+        return resolve_recipe(explicit, METHODS.get(self.method).spec_overrides, self.method)
+
+    def resolved_protocol_version(self) -> str:
+        from bench.protocols import Protocol
+        return self.protocol_version or Protocol.load(self.dataset, None).version
+
+    def resolved_seed(self) -> Tuple[int, str]:
+        """(seed, where it came from)."""
+        if self.seed is not None:
+            return int(self.seed), "user"
+        version = self.resolved_protocol_version()
+        return derive_seed(self.dataset, version, self.repeat), \
+            f"derived: sha256('{self.dataset}/{version}/repeat{self.repeat}')[:4]"
+
+    def identity(self) -> dict:
+        """What makes two runs the same cell: the spec with every default resolved (recipe, seed,
+        protocol version) and the foundation by its checkpoint's content, not by path or name."""
+        fid = foundation_identity(self.foundation)
+        if fid is None:
+            raise FoundationNotBuilt("the default phantom foundation is not built yet "
+                                     "(`bench foundation build`, or any run builds it)")
+        key = {k: v for k, v in asdict(self).items() if k not in ("device", "foundation")}
+        key.update({k: v for k, v in asdict(self.recipe()).items() if k != "source"})
+        key.update(seed=self.resolved_seed()[0], protocol_version=self.resolved_protocol_version(),
+                   foundation_sha256=fid["sha256"], code_version=bench.__version__)
+        return key
 
     def run_id(self) -> str:
-        key = {k: v for k, v in asdict(self).items() if k not in ("device",)}
-        key["code_version"] = bench.__version__
-        return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-DEFAULT_LR = 3e-3
+class FoundationNotBuilt(RuntimeError):
+    pass
+
+
+def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
+    """Name, checkpoint path and sha256 of a spec's foundation; None while the default phantom
+    foundation is not built yet (then no run with it can have finished either)."""
+    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir
+    if foundation:
+        folder = Path(foundation).expanduser().resolve()
+    else:
+        folder = existing_phantom_foundation_dir()  # a rebuilt copy in $BENCH_HOME, else the shipped one
+        if folder is None:
+            return None
+    ckpt = _find_checkpoint(folder)
+    return {"name": folder.name, "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
+
+
+DEFAULT_LR = HARNESS_DEFAULTS["lr"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +130,11 @@ class TrainOutcome:
     changed: int
     load_report: Dict[str, List[str]]
     epoch_scores: List[Dict[str, float]]
+    train_steps: int = 0           # optimizer steps
+    calibration_passes: int = 0    # forward/backward passes outside steps (counted in the iteration budget)
+    updated_per_step: Optional[int] = None  # entries one step updates; None: every trainable entry
+    batch_size: Optional[int] = None
+    patch_size: Optional[List[int]] = None
 
 
 def parameter_keys(plans: dict, dataset_json: dict, configuration: str, arch_override: Optional[dict]) -> List[str]:
@@ -153,6 +200,7 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     before, override = method.export(net)
     keys = parameter_keys(plans, dataset_json, configuration, override)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    updated = method.updates_per_step(net)
     if trainer.load_report:
         rep = trainer.load_report
         heads = "loaded (label set matches)" if not rep["reinitialised"] else \
@@ -171,20 +219,13 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     export_state, arch_override = method.export(trainer.network)
     changed = count_changed(before, export_state, keys)
     total = sum(before[k].numel() for k in keys)
+    cm = trainer.configuration_manager
     return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times,
                         peak_bytes / 2**20 if peak_bytes is not None else None,
-                        int(trainable), int(total), changed, trainer.load_report, scores)
-
-
-def versions() -> Dict[str, str]:
-    import importlib.metadata as md
-    out = {"python": platform.python_version(), "bench": bench.__version__}
-    for pkg in ("torch", "nnunetv2", "peft", "monai", "numpy", "optuna", "mlflow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+                        int(trainable), int(total), changed, trainer.load_report, scores,
+                        train_steps=trainer.global_step, calibration_passes=trainer.calibration_passes,
+                        updated_per_step=updated, batch_size=int(cm.batch_size),
+                        patch_size=[int(v) for v in cm.patch_size])
 
 
 def run_dir(spec: RunSpec) -> Path:
@@ -198,12 +239,13 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     from bench.engine.preprocess import transfer_plans
     from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder
     from bench.methods import get_method
-    from bench.metrics import case_metrics
+    from bench.metrics import METRICS_VERSION, case_metrics
     from bench.protocols import Protocol
     import SimpleITK as sitk
 
     configure_nnunet_env()
     method = get_method(spec.method, **spec.hparams)
+    recipe = spec.recipe()
     dataset = get_dataset(spec.dataset).ensure_prepared()
     protocol = Protocol.load(spec.dataset, spec.protocol_version)
     protocol.check(dataset.case_ids())
@@ -214,16 +256,17 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
 
     dev = resolve_device(spec.device)
     foundation = load_foundation(spec.foundation) if spec.foundation else get_phantom_foundation(log=log, device=spec.device)
+    fid = foundation_identity(spec.foundation)
+    seed, seed_source = spec.resolved_seed()
     plans = transfer_plans(foundation.plans, dataset.folder_name)
     dataset_json = json.loads((dataset.raw_dir() / "dataset.json").read_text())
+    run_id = spec.run_id()
     out = run_dir(spec)
-    lr = spec.resolved_lr(method)
-    recipe = {"iterations": spec.iterations, "lr": lr, "optimizer": spec.optimizer,
-              "weight_decay": spec.weight_decay, "eval_every": spec.eval_every, "batch_size": spec.batch_size}
     log(f"{spec.method}: {spec.dataset} {spec.shots}-shot repeat {spec.repeat} (protocol {protocol.version}); "
-        f"support {', '.join(split.support)}; foundation {foundation.name}; device {dev.type}; "
-        f"{spec.iterations} iterations, lr {lr:g}, {spec.optimizer}; hyper-parameters {spec.params_source}"
-        + (f" ({method.describe()})" if method.hp else ""))
+        f"support {', '.join(split.support)}; device {dev.type}")
+    log(f"  foundation {fid['name']} (sha256 {fid['sha256'][:12]}); seed {seed} ({seed_source})")
+    log(f"  recipe: {spec.iterations} iterations, {recipe.describe()}")
+    log(f"  hyper-parameters: {spec.params_source}" + (f" ({method.describe()})" if method.hp else ""))
     init_state = foundation.state_dict if method.uses_foundation else None
     train_ids = method.training_ids(split.support, protocol.pool)
     if set(train_ids) & set(eval_ids):
@@ -232,8 +275,11 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
                                 configuration=foundation.configuration, method=method,
                                 init_state=init_state, train_ids=train_ids, val_ids=split.tune or split.support,
-                                out_dir=out / "training", recipe=recipe, device=dev, seed=spec.seed, log=log,
-                                epoch_callback=epoch_callback)
+                                out_dir=out / "training",
+                                recipe={"iterations": spec.iterations, "eval_every": spec.eval_every,
+                                        "batch_size": spec.batch_size, "optimizer": recipe.optimizer,
+                                        "lr": recipe.lr, "weight_decay": recipe.weight_decay},
+                                device=dev, seed=seed, log=log, epoch_callback=epoch_callback)
     else:
         from bench.methods.reference import foundation_as_is
         outcome = foundation_as_is(foundation, plans, dataset_json)
@@ -250,21 +296,41 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     for cid in eval_ids:
         seg, spacing = predict_case(predictor, dataset.image_files(cid))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(dataset.label_file(cid)))
-        cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing)})
+        cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing,
+                                                     nsd_tolerance_mm=dataset.nsd_tolerance_mm)})
 
     summary = {f"{k}_mean": float(np.mean([c[k] for c in cases])) for k in cases[0] if k != "case_id"}
     summary["dice_median"] = float(np.median([c["dice"] for c in cases]))
+    provenance = {
+        "foundation": {"name": fid["name"], "sha256": fid["sha256"], "checkpoint": fid["checkpoint"]},
+        "protocol": {"dataset": spec.dataset, "version": protocol.version},
+        "recipe": {**recipe.as_dict(), "optimizer_detail": OPTIMIZERS[recipe.optimizer]},
+        "budget": {"iterations": spec.iterations, "train_steps": outcome.train_steps,
+                   "calibration_passes": outcome.calibration_passes, "batch_size": outcome.batch_size,
+                   "patch_size": outcome.patch_size, "eval_every": spec.eval_every},
+        "seed": {"value": seed, "source": seed_source},
+        "hyperparameters": {"values": method.hp, "source": spec.params_source},
+        "updated_per_step": outcome.updated_per_step,
+        "code": {"version": bench.__version__, **{f"git_{k}": v for k, v in git_commit().items()}},
+        "versions": versions(),
+        "device": {"type": dev.type, "name": device_name(dev)},
+    }
     result = {
-        "schema_version": RESULT_SCHEMA_VERSION, "run_id": spec.run_id(), "code_version": bench.__version__,
-        "spec": {**asdict(spec), "lr": lr, "hparams": method.hp, "foundation": foundation.name,
-                 "protocol_version": protocol.version, "device": dev.type},
+        "schema_version": RESULT_SCHEMA_VERSION, "metrics_version": METRICS_VERSION, "run_id": run_id,
+        "code_version": bench.__version__,
+        "spec": {**asdict(spec), "lr": recipe.lr, "optimizer": recipe.optimizer,
+                 "weight_decay": recipe.weight_decay, "seed": seed, "hparams": method.hp,
+                 "foundation": foundation.name, "protocol_version": protocol.version, "device": dev.type},
+        "provenance": provenance,
         "support": split.support, "trained_on": train_ids, "tune": split.tune, "evaluated": spec.evaluate_on,
         "test": eval_ids if spec.evaluate_on == "test" else [],
-        "versions": versions(),
+        "versions": provenance["versions"],
         "cost": {"train_seconds": outcome.train_seconds,
                  "step_seconds_median": float(np.median(outcome.step_times)) if outcome.step_times else None,
-                 "peak_memory_mb": outcome.peak_memory_mb, "device": dev.type},
-        "params": {"total": outcome.total, "trainable": outcome.trainable, "changed": outcome.changed},
+                 "peak_memory_mb": outcome.peak_memory_mb, "device": dev.type,
+                 "forward_backward_passes": outcome.train_steps + outcome.calibration_passes},
+        "params": {"total": outcome.total, "trainable": outcome.trainable, "changed": outcome.changed,
+                   "updated_per_step": outcome.updated_per_step},
         "foundation_load": {k: len(v) for k, v in outcome.load_report.items()},
         "epochs": outcome.epoch_scores, "summary": summary, "cases": cases, "model_dir": str(model_dir),
     }

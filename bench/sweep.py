@@ -2,10 +2,19 @@
 existing engine: local processes (one per GPU when there are GPUs), Ray, or SLURM
 through submitit. No scheduler of our own.
 
-Idempotent: a cell whose ``result.json`` exists (same spec and code version, see
-``RunSpec.run_id``) is skipped unless ``force``. ``result.json`` is written last,
-atomically, after the MLflow run finished: a killed cell leaves no result and is
-redone by the next sweep. A failing cell never stops the others.
+Idempotent: a cell whose ``result.json`` exists (same resolved spec, foundation
+checkpoint, protocol version and code version, see ``RunSpec.run_id``) is skipped
+unless ``force``. ``result.json`` is written last, atomically, after the MLflow run
+finished: a killed cell leaves no result and is redone by the next sweep. A failing
+cell never stops the others.
+
+With ``tune_trials``, a cell first tunes its method (one Optuna study per method,
+dataset and shots, shared by the cell's repeats) with the cell's recipe, seed and
+``eval_every``, then runs with the tuned parameters. Such a cell is done when its
+tuned-params file matches this sweep's tuning set-up and the run with those
+parameters has its ``result.json``. The first repeat of every study runs before
+the others, so the study is complete (and its best trial final) before any other
+repeat reads it: every repeat uses the same tuned parameters.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from bench.runner import RunSpec, run_dir
 
 EXECUTORS = ("local", "ray", "slurm")
-DEFAULT_STEP_SECONDS = 0.45   # CPU, phantom foundation (DESIGN.md section 9); used when nothing was measured
+DEFAULT_STEP_SECONDS = 0.45   # CPU, phantom foundation (measured on 2 cores); used when nothing was measured
 CELL_OVERHEAD_SECONDS = 20.0  # preprocessing, prediction of the test cases, tracking
 
 
@@ -44,8 +53,33 @@ def cell_key(spec: RunSpec) -> str:
     return f"{spec.method}/{spec.dataset}/{spec.shots}shot/r{spec.repeat}"
 
 
-def is_done(spec: RunSpec) -> bool:
-    return (run_dir(spec) / "result.json").is_file()
+def tuned_spec(spec: RunSpec, tune_trials: int) -> Optional[RunSpec]:
+    """The spec a cell's test run uses: ``spec`` itself, or, with tuning, ``spec`` with the tuned
+    parameters of a study run with this cell's set-up; None while there is no such study result."""
+    if not tune_trials:
+        return spec
+    from bench.tuning import load_tuned
+    try:
+        tuned = load_tuned(spec.method, spec.dataset, spec.shots)
+    except (FileNotFoundError, ValueError):
+        return None
+    budget = tuned.data["budget"]
+    wanted = {"trials": tune_trials, "iterations": spec.iterations, "eval_every": spec.eval_every,
+              "optimizer": spec.optimizer, "weight_decay": spec.weight_decay, "seed": spec.seed,
+              "foundation": spec.foundation}
+    if any(budget.get(k) != v for k, v in wanted.items()) \
+            or tuned.data["protocol_version"] != spec.resolved_protocol_version():
+        return None
+    return RunSpec(**{**asdict(spec), **tuned.spec_overrides(explicit={})})
+
+
+def is_done(spec: RunSpec, tune_trials: int = 0) -> bool:
+    from bench.runner import FoundationNotBuilt
+    final = tuned_spec(spec, tune_trials)
+    try:
+        return final is not None and (run_dir(final) / "result.json").is_file()
+    except FoundationNotBuilt:  # nothing can have run with a foundation that does not exist yet
+        return False
 
 
 def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0) -> dict:
@@ -61,11 +95,14 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
                 logf.write(f"{msg}\n")
                 logf.flush()
             if tune_trials:
-                from bench.tuning import load_tuned, tune
+                from bench.tuning import tune
                 tune(spec.method, spec.dataset, spec.shots, trials=tune_trials, foundation=spec.foundation,
-                     iterations=spec.iterations, device=spec.device, tracking_uri=tracking_uri, log=log)
-                tuned = load_tuned(spec.method, spec.dataset, spec.shots)
-                spec = RunSpec(**{**asdict(spec), **tuned.spec_overrides(explicit={})})
+                     iterations=spec.iterations, eval_every=spec.eval_every, optimizer=spec.optimizer,
+                     weight_decay=spec.weight_decay, seed=spec.seed, protocol_version=spec.protocol_version,
+                     device=spec.device, tracking_uri=tracking_uri, log=log)
+                spec = tuned_spec(spec, tune_trials)
+                if spec is None:
+                    raise RuntimeError("tuning finished without tuned parameters (no trial completed)")
             from bench.runner import run
             result = run(spec, log=log, tracking_uri=tracking_uri)
         return asdict(CellOutcome(cell_key(spec), "done", time.time() - t0, result["summary"]["dice_mean"]))
@@ -75,18 +112,24 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
 
 
 def estimate_seconds(specs: Iterable[RunSpec], tune_trials: int = 0) -> Dict[str, float]:
-    """Dry-run cost: iterations x measured median step time per method (from earlier results), else default."""
+    """Dry-run cost: iterations x measured median step time per method (from earlier results), else default.
+    With tuning, the first cell of each study also pays for the study: trials x its repeats runs."""
+    from bench.tuning import DEFAULT_REPEATS
     from bench.home import bench_home
     measured: Dict[str, List[float]] = {}
     for path in (bench_home() / "runs").rglob("result.json"):
         r = json.loads(path.read_text())
         if r.get("cost", {}).get("step_seconds_median"):
             measured.setdefault(r["spec"]["method"], []).append(r["cost"]["step_seconds_median"])
-    out = {}
+    out, studies = {}, set()
     for s in specs:
         step = sorted(measured[s.method])[len(measured[s.method]) // 2] if s.method in measured \
             else DEFAULT_STEP_SECONDS
-        out[cell_key(s)] = (1 + tune_trials) * (s.iterations * step + CELL_OVERHEAD_SECONDS)
+        one = s.iterations * step + CELL_OVERHEAD_SECONDS
+        tuning = tune_trials * DEFAULT_REPEATS * one if tune_trials and (s.method, s.dataset, s.shots) not in studies \
+            else 0.0
+        studies.add((s.method, s.dataset, s.shots))
+        out[cell_key(s)] = one + tuning
     return out
 
 
@@ -196,10 +239,12 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     _prepare_shared_inputs(specs, log, tracking_uri)
-    outcomes = [CellOutcome(cell_key(s), "skipped") for s in specs if is_done(s) and not force]
-    todo = [s for s in specs if force or not is_done(s)]
+    done = {id(s) for s in specs if not force and is_done(s, tune_trials)}
+    outcomes = [CellOutcome(cell_key(s), "skipped") for s in specs if id(s) in done]
+    todo = [s for s in specs if id(s) not in done]
     for s in todo:
         run_dir(s)  # create the folders up front (cell.log lives there)
+    waves = _tuning_waves(todo) if tune_trials else [todo]
     estimate = estimate_seconds(todo, tune_trials)
     log(f"sweep: {len(specs)} cells, {len(outcomes)} already done, {len(todo)} to run on {executor} "
         f"with {workers} worker(s); estimated {sum(estimate.values()) / max(workers, 1) / 60:.1f} min")
@@ -207,7 +252,8 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
     extra = {"slurm": slurm} if executor == "slurm" else {}
     t0 = time.time()
     done_s = []
-    for i, out in enumerate(submit(todo, tracking_uri, workers, tune_trials, **extra), 1):
+    jobs = itertools.chain.from_iterable(submit(w, tracking_uri, workers, tune_trials, **extra) for w in waves if w)
+    for i, out in enumerate(jobs, 1):
         outcome = CellOutcome(**out)
         outcomes.append(outcome)
         done_s.append(outcome.seconds)
@@ -227,6 +273,17 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
             log(f"  FAILED {o.key}: {o.error}")
     _write_summary(outcomes, wall, executor, workers, tracking_uri)
     return outcomes
+
+
+def _tuning_waves(todo: List[RunSpec]) -> List[List[RunSpec]]:
+    """First one cell per study (method, dataset, shots), which tunes; then the rest, which find
+    the study complete and only read its best trial."""
+    first, rest, seen = [], [], set()
+    for s in todo:
+        study = (s.method, s.dataset, s.shots)
+        (rest if study in seen else first).append(s)
+        seen.add(study)
+    return [first, rest]
 
 
 def _write_summary(outcomes, wall, executor, workers, tracking_uri) -> Path:

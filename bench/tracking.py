@@ -52,9 +52,15 @@ def log_result(result: dict, out_dir: Path, tracking_uri: Optional[str] = None,
     tags = {"kind": "cell" if spec.get("evaluate_on", "test") == "test" else "trial", "bench.run_id": result["run_id"],
             "method": spec["method"], "dataset": spec["dataset"], "shots": str(spec["shots"]),
             "repeat": str(spec["repeat"]), "params_source": spec.get("params_source", "default")}
+    prov = result.get("provenance")
+    if prov:  # what `mlflow ui` filters on: which checkpoint, protocol, seed and commit produced this run
+        tags.update({"foundation": prov["foundation"]["name"], "foundation.sha256": prov["foundation"]["sha256"],
+                     "protocol_version": prov["protocol"]["version"], "seed": str(prov["seed"]["value"]),
+                     "optimizer": prov["recipe"]["optimizer"], "git_commit": str(prov["code"]["git_commit"])})
     with mlflow.start_run(run_name=name, tags=tags, nested=parent_run_id is not None,
                           parent_run_id=parent_run_id) as run:
-        params = flatten({**spec, "versions": result["versions"]})
+        params = flatten({**spec, "versions": result["versions"],
+                          **({"provenance": {k: v for k, v in prov.items() if k != "versions"}} if prov else {})})
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         metrics = {**result["summary"], **{f"params_{k}": v for k, v in result["params"].items()},
                    **{k: v for k, v in result["cost"].items() if isinstance(v, (int, float))}}

@@ -1,18 +1,28 @@
 """``bench tune``: Optuna hyper-parameter search on the tuning-validation split.
 
 Objective
-    Mean Dice on a protocol repeat's *tuning-validation* cases after fine-tuning
-    on that repeat's support set, averaged over ``repeats`` (default: repeat 0).
-    The tuner builds run specs only through ``tuning_spec`` (``evaluate_on="tune"``)
-    and checks that every evaluated case id is a tuning case and none is a test
-    case. A violation raises ``TestSetAccessError`` (a ``BaseException``, so no
-    ``except Exception`` swallows it): the trial is recorded as FAIL, the study
-    stops and ``tune`` re-raises it.
+    For each of several protocol repeats (default: the first ``DEFAULT_REPEATS``,
+    0, 1 and 2), fine-tune on that repeat's support set and score mean Dice on that
+    repeat's *tuning-validation* cases; the objective is the mean over the repeats.
+    One repeat's tuning set is a single case at 1-shot: a choice made on it is that
+    case's noise, so several repeats are averaged. The cost is one fine-tuning per
+    repeat per trial (3x the trials with the default); ``--repeats`` changes it.
+    A trial never validates on the cases it trains on: the tuning cases of a repeat
+    are disjoint from its support set (checked before the study starts) and from
+    the test set. The tuner builds run specs only through ``tuning_spec``
+    (``evaluate_on="tune"``) and checks that every evaluated case id is a tuning
+    case and none is a test case. A violation raises ``TestSetAccessError`` (a
+    ``BaseException``, so no ``except Exception`` swallows it): the trial is
+    recorded as FAIL, the study stops and ``tune`` re-raises it.
+    Trials run with the cell's recipe (optimizer, weight decay: the method's recipe
+    unless given), seed (derived per repeat unless given) and ``eval_every``.
 
 Search space
     Shared part added here: learning rate, log-uniform in ``LR_RANGE``, and, only
     with ``tune_iterations=True``, the iteration budget from ``ITERATION_FACTORS``
-    x ``iterations``; plus the method's own ``Method.search_space(trial)``.
+    x ``iterations``; plus the method's own ``Method.search_space(trial)``. A
+    method's default recipe must be reachable (e.g. DGST's ``penalty`` is a
+    categorical on/off, then log-uniform when on: ``penalty = 0`` is in the space).
 
 Budget
     Every method gets the same number of trials (``DEFAULT_TRIALS``) at the same
@@ -82,6 +92,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from bench.home import bench_home, subdir
 
 DEFAULT_TRIALS = 20             # the same trial budget for every method
+DEFAULT_REPEATS = 3             # the objective averages the first 3 repeats' tuning sets
 DEFAULT_ITERATIONS = 60         # iterations per trial: the same default as `bench run`
 LR_RANGE = (1e-4, 1e-2)         # log-uniform
 ITERATION_FACTORS = (0.5, 1.0, 2.0)   # x iterations, only with tune_iterations=True
@@ -413,9 +424,10 @@ class _Study:
 
 # --------------------------------------------------------------------------- entry point
 def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DEFAULT_TRIALS,
-         repeats: Sequence[int] = (0,), storage: Optional[str] = None, study_name: Optional[str] = None,
-         iterations: int = DEFAULT_ITERATIONS, eval_every: int = 10, optimizer: str = "adamw",
-         foundation: Optional[str] = None, device: str = "auto", seed: int = 0,
+         repeats: Optional[Sequence[int]] = None, storage: Optional[str] = None,
+         study_name: Optional[str] = None, iterations: int = DEFAULT_ITERATIONS, eval_every: int = 10,
+         optimizer: Optional[str] = None, weight_decay: Optional[float] = None,
+         foundation: Optional[str] = None, device: str = "auto", seed: Optional[int] = None,
          protocol_version: Optional[str] = None, tracking_uri: Optional[str] = None,
          tune_iterations: bool = False, log: Callable = print, verbose: bool = False,
          objective: Optional[Objective] = None) -> dict:
@@ -428,12 +440,14 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
     from bench.protocols import Protocol
 
     method_cls = METHODS.get(method)
-    repeats = sorted({int(r) for r in repeats})
     if trials < 1:
         raise ValueError("--trials must be at least 1")
+    protocol = Protocol.load(dataset, protocol_version)
+    if repeats is None:
+        repeats = range(min(DEFAULT_REPEATS, protocol.n_repeats))
+    repeats = sorted({int(r) for r in repeats})
     if not repeats:
         raise ValueError("--repeats needs at least one repeat")
-    protocol = Protocol.load(dataset, protocol_version)
     for r in repeats:
         split = protocol.split(shots, r)          # validates shots and repeat
         if not split.tune:
@@ -441,13 +455,17 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
                              f"{shots}-shot repeat {r}")
         if set(split.tune) & set(split.test):
             raise TestSetAccessError(f"protocol {protocol.version}: tuning and test cases overlap")
+        if set(split.tune) & set(split.support):
+            raise TestSetAccessError(f"protocol {protocol.version} {shots}-shot repeat {r}: tuning cases "
+                                     f"{sorted(set(split.tune) & set(split.support))} are also support cases")
 
     st = open_storage(storage)
     name = study_name or default_study_name(method, dataset, shots, protocol.version)
     source = f"{st.label}#{name}"
     budget = {"method": method, "dataset": dataset, "shots": shots, "protocol_version": protocol.version,
               "repeats": repeats, "iterations": iterations, "tune_iterations": bool(tune_iterations),
-              "eval_every": eval_every, "optimizer": optimizer, "seed": seed, "foundation": foundation,
+              "eval_every": eval_every, "optimizer": optimizer, "weight_decay": weight_decay, "seed": seed,
+              "foundation": foundation,
               "lr_range": list(LR_RANGE), "objective": OBJECTIVE if objective is None else "injected"}
     log(f"study {name!r} in {st.label}  (watch: {st.dashboard_command()})")
 
@@ -468,7 +486,7 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
         probe.set_user_attr("trials_budget", max(int(probe.user_attrs.get("trials_budget", 0)), trials))
         fail_dead_trials(probe, st.storage, log)
         existing = probe.get_trials(deepcopy=False)
-        sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed, len(existing)), constant_liar=True)
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed(seed or 0, len(existing)), constant_liar=True)
         pruner = make_pruner(iterations)
         study = optuna.load_study(study_name=name, storage=st.storage, sampler=sampler, pruner=pruner)
 
@@ -491,7 +509,8 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
                        quiet=not verbose,
                        objective=objective,
                        base_spec={"seed": seed, "iterations": iterations, "eval_every": eval_every,
-                                  "optimizer": optimizer, "foundation": foundation, "device": device,
+                                  "optimizer": optimizer, "weight_decay": weight_decay,
+                                  "foundation": foundation, "device": device,
                                   "protocol_version": protocol.version},
                        step_stride=max(int(round(iterations * max(ITERATION_FACTORS))) if tune_iterations
                                        else iterations, 1))

@@ -1,4 +1,5 @@
-"""DGST's rule, checked at the update level with nnU-Net's SGD (momentum 0.99, weight decay)."""
+"""DGST's rule, checked at the update level with nnU-Net's SGD (momentum 0.99, weight decay), with AdamW
+(lazy Adam: see bench/methods/dgst/__init__.py) and under a GradScaler on CPU."""
 import copy
 
 import pytest
@@ -19,12 +20,12 @@ def seg_loss(outputs, target):
     return sum(nn.functional.cross_entropy(o, target) for o in outputs[:1])
 
 
-def setup(method_name="dgst", **hp):
+def setup(method_name="dgst", optimizer="sgd", lr=0.05, **hp):
     net = tiny_network()
     foundation = copy.deepcopy(net.state_dict())
     method = get_method(method_name, **hp)
     net = method.prepare(net, MethodContext(foundation_state=foundation, seed=0))
-    opt = make_optimizer("sgd", method.param_groups(net), lr=0.05, weight_decay=3e-5)
+    opt = make_optimizer(optimizer, method.param_groups(net), lr=lr, weight_decay=3e-5)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 8, 16, 16, generator=g)
     y = (torch.rand(2, 8, 16, 16, generator=g) > 0.7).long()
@@ -181,3 +182,61 @@ def test_flat_indices_select_gamma_entries_of_every_row():
     idx = topk_indices(g, 2)
     assert idx.numel() == 10 and torch.equal(idx // 24, torch.arange(5).repeat_interleave(2))
     assert torch.equal(topk_mask(g, 2), reference_topk(g, 2))
+
+
+def test_adamw_under_masking_is_lazy_adam_bit_for_bit():
+    """Each step, a sparse tensor's selected entries take exactly torch's AdamW step on their own gradient,
+    moments and the tensor's step count; unselected entries keep weight, exp_avg and exp_avg_sq bit for bit."""
+    net, method, opt, x, y = setup(optimizer="adamw", lr=1e-2, gamma=2)
+    params = dict(net.named_parameters())
+    for step in range(4):
+        before = {n: params[n].detach().clone() for n in method.sparse}
+        state_before = {n: {k: v.clone() for k, v in opt.state.get(params[n], {}).items()} for n in method.sparse}
+        training_step(net, method, opt, seg_loss, x, y, step)
+        for name in method.sparse:
+            p, idx, sel = params[name], method.selected[name], method.masks[name]
+            state = opt.state[p]
+            assert int(state["step"]) == step + 1  # one count per tensor, advanced by every step
+            assert torch.equal(p.detach()[~sel], before[name][~sel]), f"{name}: unselected weight moved"
+            old = state_before[name]
+            for k in ("exp_avg", "exp_avg_sq"):
+                was = old[k][~sel] if k in old else torch.zeros_like(state[k][~sel])
+                assert torch.equal(state[k][~sel], was), f"{name}: unselected {k} changed at step {step}"
+            # reference: torch's AdamW on the selected entries alone
+            ref = before[name].flatten()[idx].clone().requires_grad_(True)
+            ref.grad = p.grad.flatten()[idx].clone()  # the applied (selected, clipped) gradient
+            ref_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=3e-5)
+            if old:
+                ref_opt.state[ref] = {"step": old["step"].clone(), "exp_avg": old["exp_avg"].flatten()[idx].clone(),
+                                      "exp_avg_sq": old["exp_avg_sq"].flatten()[idx].clone()}
+            ref_opt.step()
+            assert torch.equal(p.detach().flatten()[idx], ref.detach()), f"{name}: selected update differs"
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(state[k].flatten()[idx], ref_opt.state[ref][k]), f"{name}: {k} differs"
+        assert any(not torch.equal(before[n], params[n].detach()) for n in method.sparse)
+
+
+def test_grad_scaler_path_on_cpu_matches_the_unscaled_step_and_skips_inf_steps():
+    """The CUDA training path (GradScaler: scale, unscale_, step, update) run on CPU: with finite gradients
+    it gives the unscaled result bit for bit (power-of-two scaling is exact); with an inf gradient the
+    scaler skips the step and DGST leaves every tensor, shape and optimizer state as it was."""
+    for optimizer in ("sgd", "adamw"):
+        plain_net, plain_method, plain_opt, x, y = setup(optimizer=optimizer, gamma=2)
+        net, method, opt, _, _ = setup(optimizer=optimizer, gamma=2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        for step in range(2):
+            training_step(plain_net, plain_method, plain_opt, seg_loss, x, y, step)
+            training_step(net, method, opt, seg_loss, x, y, step, grad_scaler=scaler)
+        for (n, a), b in zip(plain_net.named_parameters(), net.parameters()):
+            assert torch.equal(a, b), f"{optimizer}: {n} differs between the scaled and the unscaled path"
+
+        params = dict(net.named_parameters())
+        weights = {n: p.detach().clone() for n, p in params.items()}
+        states = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in params.items()}
+        scale = scaler.get_scale()
+        training_step(net, method, opt, lambda o, t: seg_loss(o, t) * float("inf"), x, y, 2, grad_scaler=scaler)
+        assert scaler.get_scale() < scale  # the scaler saw the inf and backed off
+        for n, p in params.items():
+            assert p.shape == weights[n].shape and torch.equal(p.detach(), weights[n]), f"{optimizer}: {n} moved"
+            for k, v in opt.state[p].items():
+                assert v.shape == states[n][k].shape and torch.equal(v, states[n][k]), f"{optimizer}: {n} {k}"

@@ -83,7 +83,7 @@ def test_report_command_writes_report_and_logs_to_mlflow(home, tmp_path, capsys,
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     text = (out / "report.md").read_text()
     for heading in ("## phantom", "### phantom, 1-shot", "### phantom, 3-shot", "**Versus `dgst`**",
-                    "**Friedman / Nemenyi**", "**Rank stability**", "**Paper claim**"):
+                    "**All methods equal?**", "**Mean ranks and Nemenyi CD**", "**Rank stability**", "**Paper claim**"):
         assert heading in text
     for name in ("phantom_dice_box.png", "phantom_dice_vs_shots.png", "phantom_3shot_cd.png",
                  "phantom_3shot_pvalues.png"):
@@ -94,6 +94,7 @@ def test_report_command_writes_report_and_logs_to_mlflow(home, tmp_path, capsys,
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.kind = 'report'")
     assert len(runs) == 1 and "metrics.phantom.3shot.claim_p" in runs.columns
+    assert "metrics.phantom.3shot.omnibus_p" in runs.columns and "metrics.phantom.3shot.friedman_p" not in runs.columns
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(runs.run_id[0])}
     assert {"report.md", "figures", "tables"} <= logged
 
@@ -144,3 +145,27 @@ def test_leaderboard_refuses_unequal_budgets_and_selects_one(home, tmp_path, cap
     assert main(args + ["--iterations", "60"]) == 0
     md = (tmp_path / "lb" / "phantom.md").read_text()
     assert "| iterations | hyper-parameters |" in md and "| 60 | default |" in md
+
+
+def test_report_claim_roles_captions_and_legible_cd_diagram(tmp_path):
+    import matplotlib.image as mpimg
+
+    from bench.report import write_report
+    effects = {"dgst": 0.8, "full": 0.7, "a-rather-long-linear-probe": 0.6, "dgst-random": 0.79,
+               "scratch": 0.3, "oracle": 0.95}
+    df = synthetic_results(effects, shots=(1, 3), repeats=3, cases=6)
+    text = write_report(df, tmp_path / "r", n_boot=200).read_text()
+    claims = [line for line in text.splitlines() if "SUPPORTED" in line]
+    assert len(claims) == 2
+    for verdict in claims:
+        assert verdict.startswith("phantom is synthetic") and "cannot support or refute" in verdict
+        assert "baselines: a-rather-long-linear-probe, full" in verdict or \
+            "every baseline (a-rather-long-linear-probe, full)" in verdict
+        assert "dgst-random" not in verdict and "oracle" not in verdict and "scratch" not in verdict
+    assert "Holm over 2 dataset x shots check(s)" in claims[0]
+    assert "- Data: `phantom` is synthetic" in text and "- Support repeats run: 3 at 1-shot, 3 at 3-shot" in text
+    # autorank writes method names outside its axes: the saved canvas must hold them (white margins all
+    # round; a clipped name runs into the edge)
+    img = mpimg.imread(tmp_path / "r" / "figures" / "phantom_3shot_cd.png")[..., :3]
+    for edge in (img[:, :5], img[:, -5:], img[:5], img[-5:]):
+        assert (edge > 0.99).all()

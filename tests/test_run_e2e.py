@@ -1,4 +1,5 @@
 """A short `bench run` end to end in a temporary $BENCH_HOME."""
+import hashlib
 import json
 
 import mlflow
@@ -7,6 +8,8 @@ import pandas as pd
 from bench.cli import main
 from bench.foundation import load_foundation
 from bench.protocols import Protocol
+from bench.provenance import derive_seed
+from bench.results import load_results
 
 
 def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, capsys):
@@ -21,7 +24,7 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     results = list((bench_home / "runs").rglob("result.json"))
     assert len(results) == 1
     result = json.loads(results[0].read_text())
-    assert result["schema_version"] == 1
+    assert result["schema_version"] == 2
     assert [c["case_id"] for c in result["cases"]] == test_ids
     for c in result["cases"]:
         assert 0.0 <= c["dice"] <= 1.0 and c["hd95"] >= 0
@@ -29,6 +32,27 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     assert 0 < result["params"]["changed"] <= result["params"]["trainable"] <= result["params"]["total"]
     assert result["cost"]["train_seconds"] > 0 and result["cost"]["peak_memory_mb"] > 0
     assert not set(result["support"]) & set(test_ids)
+
+    # provenance: recorded in full and printed
+    prov = result["provenance"]
+    ckpt = next(iter(tiny_foundation.glob("**/checkpoint_final.pth")))
+    assert prov["foundation"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert prov["foundation"]["name"] == tiny_foundation.name
+    assert prov["protocol"] == {"dataset": "phantom", "version": "v1"}
+    assert prov["recipe"]["optimizer"] == "adamw" and prov["recipe"]["source"]["optimizer"] == "harness"
+    assert prov["budget"]["iterations"] == 2 and prov["budget"]["train_steps"] == 2
+    assert prov["budget"]["batch_size"] >= 1 and len(prov["budget"]["patch_size"]) == 3
+    assert prov["seed"]["value"] == derive_seed("phantom", "v1", 0) and prov["seed"]["source"].startswith("derived")
+    assert prov["hyperparameters"] == {"values": {"gamma": 2, "hierarchical": True, "penalty": 0.0},
+                                       "source": "default"}
+    assert 0 < prov["updated_per_step"] < result["params"]["trainable"]  # DGST updates a subset
+    assert prov["code"]["version"] and "git_commit" in prov["code"] and prov["versions"]["torch"]
+    assert prov["device"]["type"] == "cpu"
+    for text in (prov["foundation"]["sha256"], "seed", "recipe", "AdamW", "git", "torch"):
+        assert text in out, text
+    row = load_results(bench_home / "runs").iloc[0]
+    assert row["foundation_sha256"] == prov["foundation"]["sha256"] and row["seed"] == prov["seed"]["value"]
+    assert row["optimizer"] == "adamw" and row["updated_per_step"] == prov["updated_per_step"]
 
     # the exported model folder is a stock nnU-Net trained-model folder
     exported = load_foundation(result["model_dir"])
@@ -39,6 +63,9 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     assert len(runs) == 1
     run = runs.iloc[0]
     assert run["params.method"] == "dgst" and run["params.shots"] == "1"
+    assert run["tags.foundation.sha256"] == prov["foundation"]["sha256"]
+    assert run["params.provenance.seed.value"] == str(prov["seed"]["value"])
+    assert run["params.provenance.recipe.optimizer"] == "adamw"
     assert abs(run["metrics.dice_mean"] - result["summary"]["dice_mean"]) < 1e-9
     local = mlflow.artifacts.download_artifacts(run_id=run["run_id"], artifact_path="cases.csv")
     assert list(pd.read_csv(local)["case_id"]) == test_ids

@@ -4,12 +4,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from bench.runner import run_dir
-from bench.sweep import grid, sweep
+from bench.sweep import grid, is_done, sweep, tuned_spec
 
 TINY = dict(iterations=2, eval_every=2, device="cpu")
 
@@ -96,3 +97,54 @@ def test_cpu_workers_split_the_cores(monkeypatch):
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
     finally:
         torch.set_num_threads(before)
+
+
+def test_tuned_cell_is_done_only_with_its_tuned_run(bench_home, tiny_foundation):
+    """With tuning, the done-check looks where the tuned run writes: the spec with the tuned parameters
+    of a study run with this cell's set-up."""
+    import json
+    spec = grid(["dgst"], ["phantom"], [1], [0], foundation=str(tiny_foundation), seed=3, **TINY)[0]
+    assert tuned_spec(spec, 0) is spec and tuned_spec(spec, 2) is None and not is_done(spec, 2)
+    budget = {"trials": 2, "iterations": 2, "eval_every": 2, "optimizer": None, "weight_decay": None, "seed": 3,
+              "foundation": str(tiny_foundation), "repeats": [0, 1, 2], "tune_iterations": False}
+    tuned = {"schema_version": 1, "protocol_version": "v1", "budget": budget, "spec": {"lr": 2e-3},
+             "hparams": {"gamma": 4, "penalty": 0.0}, "params_source": "journal#dgst-phantom-1shot-v1"}
+    path = bench_home / "tuned" / "phantom" / "dgst" / "shots1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(tuned))
+    final = tuned_spec(spec, 2)
+    assert (final.lr, final.hparams, final.params_source) == (2e-3, tuned["hparams"], tuned["params_source"])
+    assert not is_done(spec, 2)
+    (run_dir(final) / "result.json").write_text("{}")
+    assert is_done(spec, 2) and not is_done(spec, 0)  # the untuned cell is another run
+    assert not is_done(spec, 3)  # another trial budget: another study set-up
+    path.write_text(json.dumps({**tuned, "budget": {**budget, "seed": 4}}))
+    assert not is_done(spec, 2)
+
+
+@pytest.mark.slow
+def test_second_tuned_sweep_does_nothing(bench_home, tiny_foundation):
+    """A sweep with tuning, run twice: the second skips every cell, adds no trial and no run; the study
+    ran with the cells' optimizer, seed and eval_every."""
+    import json
+
+    import optuna
+
+    from bench import tuning
+    specs = grid(["l2sp"], ["phantom"], [1], [0, 1], foundation=str(tiny_foundation), optimizer="sgd", seed=11,
+                 iterations=2, eval_every=1, device="cpu")
+    first = sweep(specs, executor="local", workers=1, tune_trials=1, log=lambda *_: None)
+    assert sorted(o.status for o in first) == ["done", "done"], [o.error for o in first]
+    runs_before = sorted(str(p) for p in (bench_home / "runs").rglob("result.json"))
+    again = sweep(specs, executor="local", workers=1, tune_trials=1, log=lambda *_: None)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert sorted(str(p) for p in (bench_home / "runs").rglob("result.json")) == runs_before
+    study = optuna.load_study(study_name="l2sp-phantom-1shot-v1", storage=tuning.open_storage(None).storage)
+    assert len(study.trials) == 1
+    budget = tuning.load_tuned("l2sp", "phantom", 1).data["budget"]
+    assert (budget["optimizer"], budget["seed"], budget["eval_every"]) == ("sgd", 11, 1)
+    results = [json.loads(p.read_text()) for p in map(Path, runs_before)]
+    tests = [r for r in results if r["evaluated"] == "test"]
+    assert sorted(r["spec"]["repeat"] for r in tests) == [0, 1]
+    assert {r["spec"]["params_source"] for r in tests} == {tuning.load_tuned("l2sp", "phantom", 1).source}
+    assert {(r["spec"]["optimizer"], r["spec"]["seed"]) for r in results} == {("sgd", 11)}

@@ -70,8 +70,8 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
                 return _original(self, case_id)
             m.setattr(Phantom, attr, recorder)
         m.setattr(tuning, "make_pruner", lambda iterations: PruneTrials({1}))
-        out = tuning.tune("l2sp", shots=1, trials=2, iterations=2, eval_every=1, foundation=str(tiny_foundation),
-                          device="cpu", tracking_uri=tracking_uri, log=lines.append)
+        out = tuning.tune("l2sp", shots=1, trials=2, repeats=[0], iterations=2, eval_every=1,
+                          foundation=str(tiny_foundation), device="cpu", tracking_uri=tracking_uri, log=lines.append)
 
     # --- the test set is unreachable from tuning
     assert read, "the recorder saw no reads: the leakage check would be vacuous"
@@ -244,3 +244,41 @@ def test_two_processes_share_a_study_without_losing_trials(bench_home, tracking_
     trial_runs = runs[runs["tags.kind"] == "trial"]
     assert sorted(map(int, trial_runs["tags.optuna.trial"])) == [t.number for t in counted]
     assert set(trial_runs["tags.mlflow.parentRunId"]) <= set(runs[runs["tags.kind"] == "study"]["run_id"])
+
+
+def test_objective_averages_several_repeats_with_the_cells_recipe_and_seed(bench_home, tracking_uri):
+    """Default: the first DEFAULT_REPEATS repeats' tuning sets, one spec per repeat, each evaluated on the
+    tuning split only, with the optimizer, weight decay, seed and eval_every the caller gave."""
+    seen = []
+
+    def objective(trial, specs):
+        seen.append(specs)
+        return cheap_objective(trial, specs)
+    out = tuning.tune("dgst", shots=1, trials=2, iterations=2, eval_every=1, optimizer="sgd", weight_decay=1e-4,
+                      seed=5, device="cpu", tracking_uri=tracking_uri, objective=objective, log=lambda *a: None)
+    assert tuning.DEFAULT_REPEATS >= 3
+    for specs in seen:
+        assert [s.repeat for s in specs] == list(range(tuning.DEFAULT_REPEATS))
+        assert {(s.evaluate_on, s.optimizer, s.weight_decay, s.seed, s.eval_every) for s in specs} == \
+            {("tune", "sgd", 1e-4, 5, 1)}
+        assert len({s.lr for s in specs}) == 1  # one configuration per trial, scored on every repeat
+    tuned = tuning.load_tuned("dgst", "phantom", 1).data
+    assert tuned["budget"]["repeats"] == list(range(tuning.DEFAULT_REPEATS)) and out["best"] is not None
+    assert (tuned["budget"]["optimizer"], tuned["budget"]["seed"], tuned["budget"]["eval_every"]) == ("sgd", 5, 1)
+    protocol = Protocol.load("phantom")
+    for r in range(tuning.DEFAULT_REPEATS):  # never validating on what the trial trains on
+        split = protocol.split(1, r)
+        assert not set(split.tune) & set(split.support)
+
+
+def test_dgst_search_space_reaches_the_no_penalty_recipe():
+    from bench.methods import METHODS
+    for name in ("dgst", "dgst-random", "dgst-static"):
+        space = METHODS.get(name).search_space
+        assert space(optuna.trial.FixedTrial({"penalty_on": False, "gamma": 2})) == {"gamma": 2, "penalty": 0.0}
+        on = space(optuna.trial.FixedTrial({"penalty_on": True, "gamma": 4, "penalty": 1e-3}))
+        assert on == {"gamma": 4, "penalty": 1e-3}
+    # and a sampler does propose it
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: METHODS.get("dgst").search_space(t)["penalty"], n_trials=20)
+    assert any(t.value == 0.0 for t in study.trials) and any(t.value > 0 for t in study.trials)

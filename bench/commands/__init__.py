@@ -11,3 +11,14 @@ def add_budget_selection(p) -> None:
     p.add_argument("--params", choices=["default", "tuned"], default=None,
                    help="only results with default or only with tuned hyper-parameters (tuned and untuned "
                         "methods are not compared)")
+    p.add_argument("--foundation", default=None, metavar="NAME|SHA256-PREFIX",
+                   help="only results fine-tuned from this foundation (results of different checkpoints "
+                        "are not compared)")
+    p.add_argument("--protocol", default=None, metavar="VERSION",
+                   help="only results of this protocol version (different versions are not compared)")
+
+
+def budget_selection(args) -> dict:
+    """The keyword arguments of ``bench.results.load_results`` / ``select_budget`` for these options."""
+    return {"iterations": args.iterations, "params": args.params, "foundation": args.foundation,
+            "protocol_version": args.protocol}

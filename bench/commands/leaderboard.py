@@ -1,7 +1,7 @@
 """``bench leaderboard``: regenerate ``leaderboards/`` from tracked results, never by hand."""
 from __future__ import annotations
 
-from bench.commands import add_budget_selection
+from bench.commands import add_budget_selection, budget_selection
 
 
 def register(sub) -> None:
@@ -27,12 +27,12 @@ def main(args) -> int:
 
     if not args.from_snapshot:
         sources = args.results or [bench_home() / "runs"]
-        df = load_results(sources, iterations=args.iterations, params=args.params)
+        df = load_results(sources, **budget_selection(args))
         if df.empty:
             raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; "
                              "run `bench run` first, or use --from-snapshot")
         print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
-    df = select_budget(read_snapshot(args.snapshot), args.iterations, args.params)
+    df = select_budget(read_snapshot(args.snapshot), **budget_selection(args))
     for path in write_leaderboards(df, args.out):
         print(f"wrote {path}")
     return 0

@@ -1,7 +1,7 @@
 """``bench report``: statistics report (tables, tests, figures) from collected results."""
 from __future__ import annotations
 
-from bench.commands import add_budget_selection
+from bench.commands import add_budget_selection, budget_selection
 
 
 def register(sub) -> None:
@@ -27,7 +27,7 @@ def main(args) -> int:
     from bench.results import load_results
 
     sources = args.results or [bench_home() / "runs"]
-    df = load_results(sources, iterations=args.iterations, params=args.params)
+    df = load_results(sources, **budget_selection(args))
     if df.empty:
         raise ValueError(f"no test-set results found in {', '.join(map(str, sources))}; run `bench run` first")
     out = args.out or bench_home() / "reports" / time.strftime("%Y%m%d-%H%M%S")

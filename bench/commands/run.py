@@ -26,9 +26,14 @@ def add_run_arguments(p) -> None:
                         "default: the phantom foundation, built on first use")
     p.add_argument("--iterations", type=int, default=60, help="training iterations (same budget for all methods)")
     p.add_argument("--eval-every", type=int, default=10, help="iterations between tuning-set pseudo-Dice checks")
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
+                   help="default: the method's recipe (dgst-released: nnU-Net's SGD), else adamw")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="default: the method's recipe, else 3e-5")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed (default: derived from the dataset, protocol version and repeat, "
+                        "recorded in the result)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in $BENCH_HOME)")
 
 
@@ -38,7 +43,7 @@ def register(sub) -> None:
                                    "protocol split, predict the fixed test cases with nnU-Net, print per-case "
                                    "metrics and log the run to MLflow.")
     add_run_arguments(p)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: method recipe or 3e-3)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe, else 3e-3)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
     p.add_argument("--params", default="default",
@@ -50,8 +55,8 @@ def spec_from_args(args, **overrides):
     from bench.runner import RunSpec
     return RunSpec(method=args.method, dataset=args.dataset, shots=args.shots, repeat=args.repeat,
                    protocol_version=args.protocol, foundation=args.foundation, iterations=args.iterations,
-                   eval_every=args.eval_every, optimizer=args.optimizer, device=args.device, seed=args.seed,
-                   **overrides)
+                   eval_every=args.eval_every, optimizer=args.optimizer, weight_decay=args.weight_decay,
+                   device=args.device, seed=args.seed, **overrides)
 
 
 def main(args) -> int:
@@ -65,6 +70,9 @@ def main(args) -> int:
         tuned = load_tuned(args.method, args.dataset, args.shots)
         overrides.update(tuned.spec_overrides(explicit=overrides))
         args.iterations = overrides.pop("iterations", args.iterations)  # set only if iterations were tuned
+        for k in ("optimizer", "weight_decay"):  # the recipe the study tuned under, unless given here
+            if getattr(args, k) is None:
+                setattr(args, k, tuned.data["budget"].get(k))
     elif args.params != "default":
         raise ValueError("--params takes 'default' or 'tuned'")
     result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)
@@ -82,8 +90,32 @@ def print_result(result: dict) -> None:
     s = result["summary"]
     print(f"{'mean':<14}{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
     p, c = result["params"], result["cost"]
-    print(f"trainable {p['trainable']:,} of {p['total']:,} parameters; changed {p['changed']:,}; "
+    updated = "" if p.get("updated_per_step") is None else f"; updated per step {p['updated_per_step']:,}"
+    print(f"trainable {p['trainable']:,} of {p['total']:,} parameters{updated}; changed {p['changed']:,}; "
           f"train {c['train_seconds']:.1f} s ({'no' if c['step_seconds_median'] is None else format(c['step_seconds_median'], '.3f')} s/step, {c['device']}); "
           f"peak memory {'n/a' if c['peak_memory_mb'] is None else format(c['peak_memory_mb'], '.0f')} MiB "
           f"above the process at start")
+    print_provenance(result["provenance"])
     print(f"result: {result['model_dir'].rsplit('/model', 1)[0]}/result.json; MLflow run {result['mlflow_run_id']}")
+
+
+def print_provenance(prov: dict) -> None:
+    f, r, b, code, hp = prov["foundation"], prov["recipe"], prov["budget"], prov["code"], prov["hyperparameters"]
+    src = ", ".join(f"{k} {v}" for k, v in r["source"].items())
+    print("provenance:")
+    rows = [
+        ("foundation", f"{f['name']}  sha256 {f['sha256']}"),
+        ("protocol", f"{prov['protocol']['dataset']} {prov['protocol']['version']}"),
+        ("recipe", f"{r['optimizer_detail']}, lr {r['lr']:g}, weight decay {r['weight_decay']:g}  (source: {src})"),
+        ("budget", f"{b['iterations']} forward/backward passes = {b['train_steps']} steps + "
+                   f"{b['calibration_passes']} calibration; batch {b['batch_size']}, "
+                   f"patch {'x'.join(map(str, b['patch_size']))}"),
+        ("seed", f"{prov['seed']['value']}  ({prov['seed']['source']})"),
+        ("hyper-parameters", f"{hp['values'] or '-'}  (source: {hp['source']})"),
+        ("code", f"bench {code['version']}, git {code['git_commit'] or 'n/a'}"
+                 + (" (uncommitted changes)" if code.get("git_dirty") else "")),
+        ("packages", ", ".join(f"{k} {v}" for k, v in prov["versions"].items())),
+        ("device", f"{prov['device']['type']} ({prov['device']['name']})"),
+    ]
+    for k, v in rows:
+        print(f"  {k:<17}{v}")

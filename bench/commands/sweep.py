@@ -48,8 +48,8 @@ def main(args) -> int:
     if args.dry_run:
         est = estimate_seconds(specs, trials)
         for s in specs:
-            print(f"{cell_key(s):<40} {'done' if is_done(s) else 'todo':<5} ~{est[cell_key(s)]:.0f} s")
-        todo = sum(v for s in specs if not is_done(s) for k, v in est.items() if k == cell_key(s))
+            print(f"{cell_key(s):<40} {'done' if is_done(s, trials) else 'todo':<5} ~{est[cell_key(s)]:.0f} s")
+        todo = sum(v for s in specs if not is_done(s, trials) for k, v in est.items() if k == cell_key(s))
         print(f"{len(specs)} cells; remaining cost ~{todo / 3600:.2f} device-hours")
         return 0
     slurm = {"slurm_partition": args.slurm_partition} if args.slurm_partition else None

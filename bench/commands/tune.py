@@ -14,12 +14,13 @@ def _repeats(text: str):
 
 def register(sub) -> None:
     from bench.commands.run import add_run_arguments
-    from bench.tuning import DEFAULT_TRIALS
+    from bench.tuning import DEFAULT_REPEATS, DEFAULT_TRIALS
     p = sub.add_parser(
         "tune", help="tune a method's hyper-parameters with Optuna (tuning-validation cases only)",
         description="Search the learning rate and METHOD's own hyper-parameters with Optuna. Each trial "
-                    "fine-tunes on a protocol repeat's support cases and is scored by mean Dice on that "
-                    "repeat's tuning-validation cases (never the test cases); unpromising trials are pruned "
+                    "fine-tunes on the support cases of several protocol repeats and is scored by mean Dice "
+                    "on those repeats' tuning-validation cases (never the test cases, never its own "
+                    "support); unpromising trials are pruned "
                     "on the intermediate tuning pseudo-Dice. The study is stored (default: an Optuna journal "
                     "file in $BENCH_HOME/optuna/, shareable by several processes), so an interrupted tune "
                     "resumes where it stopped. The best parameters go to "
@@ -31,7 +32,9 @@ def register(sub) -> None:
                    help=f"trial budget of the study, the same for every method (default {DEFAULT_TRIALS}); "
                         "completed and pruned trials count, failed ones do not")
     p.add_argument("--repeats", type=_repeats, default=None, metavar="R[,R...]",
-                   help="protocol repeats to average the objective over, e.g. 0,1 (default: --repeat)")
+                   help=f"protocol repeats whose tuning sets the objective averages, e.g. 0,1 (default: the "
+                        f"first {DEFAULT_REPEATS}; --repeat is not used by tune); each trial fine-tunes once "
+                        f"per repeat")
     p.add_argument("--storage", default=None,
                    help="Optuna storage: an RDB URL (postgresql://user@host/db) to share a study between "
                         "machines, or a journal file path (default: $BENCH_HOME/optuna/journal.log)")
@@ -46,8 +49,9 @@ def register(sub) -> None:
 def main(args) -> int:
     from bench.tuning import tune
     tune(args.method, dataset=args.dataset, shots=args.shots, trials=args.trials,
-         repeats=args.repeats or [args.repeat], storage=args.storage, study_name=args.study_name,
+         repeats=args.repeats, storage=args.storage, study_name=args.study_name,
          iterations=args.iterations, eval_every=args.eval_every, optimizer=args.optimizer,
+         weight_decay=args.weight_decay,
          foundation=args.foundation, device=args.device, seed=args.seed, protocol_version=args.protocol,
          tracking_uri=args.tracking_uri, tune_iterations=args.tune_iterations, verbose=args.verbose)
     return 0

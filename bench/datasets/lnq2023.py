@@ -53,6 +53,11 @@ class LNQ2023(ReleaseDataset):
     folder_name = "Dataset912_LNQ2023"
     description = "LNQ2023 mediastinal lymph nodes, val 20 + test 100 fully annotated CTs (needs --source)"
     options = {"include_partial_train": False}
+    # The challenge ranks on Dice and ASSD and states no NSD tolerance. 2 mm is above
+    # the in-plane spacing of chest CT (typically under 1 mm), so a boundary one or two
+    # pixels off counts, and well below the radius of an enlarged node (short axis
+    # >= 10 mm), so a boundary within it still outlines the node.
+    nsd_tolerance_mm = 2.0
     layout = "lnq2023-{train|val|test}-NNNN-ct.nrrd and lnq2023-{train|val|test}-NNNN-seg.nrrd, in any sub-folders"
 
     def discover(self, source: Path, include_partial_train: bool = False, **_) -> Dict[str, CaseSource]:

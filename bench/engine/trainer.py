@@ -31,6 +31,8 @@ class BenchTrainer(nnUNetTrainer):
         self.verbose = False  # read by print_to_log_file, which super().__init__ already calls
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.method: Optional[Method] = None
+        self.global_step = 0
+        self.calibration_passes = 0
         self.step_times: List[float] = []
         self.epoch_callback: Optional[Callable[[int, Dict[str, float]], None]] = None
         self.load_report: Dict[str, List[str]] = {}
@@ -47,8 +49,16 @@ class BenchTrainer(nnUNetTrainer):
         self.output_folder = join(str(output_folder), "fold_0")
         os.makedirs(self.output_folder, exist_ok=True)
         self.log_file = join(str(output_folder), "training_log.txt")
-        self.num_iterations_per_epoch = max(1, min(eval_every, iterations))
-        self.num_epochs = math.ceil(iterations / self.num_iterations_per_epoch)
+        # The budget is forward/backward passes: a method's calibration passes come out of it.
+        self.calibration_passes = int(method.calibration_passes())
+        self.total_steps = iterations - self.calibration_passes
+        if self.total_steps < 1:
+            raise ValueError(f"{method.name} spends {self.calibration_passes} calibration passes of the "
+                             f"{iterations}-iteration budget, leaving no training step; raise --iterations "
+                             f"above {self.calibration_passes}")
+        self.steps_per_epoch = max(1, min(eval_every, self.total_steps))
+        self.num_iterations_per_epoch = self.steps_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.num_val_iterations_per_epoch = 1
         self.initial_lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         if batch_size:
@@ -77,6 +87,11 @@ class BenchTrainer(nnUNetTrainer):
         self.method.on_train_start(self)
         self.global_step = 0
         self._t_start = time.perf_counter()
+
+    def on_train_epoch_start(self):
+        # nnU-Net reads num_iterations_per_epoch after this hook: the last epoch is cut to the budget.
+        self.num_iterations_per_epoch = min(self.steps_per_epoch, self.total_steps - self.global_step)
+        super().on_train_epoch_start()
 
     def plot_network_architecture(self):
         pass  # needs hiddenlayer/graphviz; not part of a benchmark run
@@ -115,8 +130,8 @@ class BenchTrainer(nnUNetTrainer):
         scores = {"train_loss": float(self.logger.get_value("train_losses", step=-1)),
                   "val_loss": float(self.logger.get_value("val_losses", step=-1)),
                   "val_pseudo_dice": float(np.nanmean(self.logger.get_value("dice_per_class_or_region", step=-1)))}
-        it = (self.current_epoch + 1) * self.num_iterations_per_epoch
-        self.progress(f"  it {it:>4}/{self.num_epochs * self.num_iterations_per_epoch}  "
+        it = self.global_step + self.calibration_passes
+        self.progress(f"  it {it:>4}/{self.total_steps + self.calibration_passes}  "
                       f"loss {scores['train_loss']:.3f}  tune pseudo-Dice {scores['val_pseudo_dice']:.3f}  "
                       f"{np.median(self.step_times[-self.num_iterations_per_epoch:]):.2f} s/it")
         if self.epoch_callback is not None:

@@ -51,8 +51,8 @@ class Method:
     # Method-specific hyper-parameters and their defaults; shared ones (lr,
     # iterations, optimizer, weight decay) live in the run spec.
     defaults: ClassVar[Dict[str, Any]] = {}
-    # Recipe overrides applied to the run spec unless the user sets them
-    # (e.g. the released DGST trainer's lr).
+    # The method's training recipe: optimizer, lr, weight_decay (bench.engine.recipe), applied
+    # unless the user sets them (e.g. the released DGST trainer's SGD at lr 1e-3).
     spec_overrides: ClassVar[Dict[str, Any]] = {}
     # Whether the network is initialised from the foundation weights.
     uses_foundation: ClassVar[bool] = True
@@ -80,6 +80,17 @@ class Method:
     def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
         """The cases whose labels training reads: the split's support set (``oracle``: the whole pool)."""
         return list(support)
+
+    def calibration_passes(self) -> int:
+        """Forward/backward passes ``on_train_start`` spends outside training steps. They count in the
+        iteration budget: the trainer runs that many fewer steps, so every method does the same number
+        of forward/backward passes."""
+        return 0
+
+    def updates_per_step(self, network: nn.Module) -> Optional[int]:
+        """Parameter entries one step updates, for methods that update a subset of the trainable
+        entries each step; None: every trainable entry."""
+        return None
 
     # --- per step -------------------------------------------------------------------------
     def regularizer(self, network: nn.Module) -> Optional[torch.Tensor]:

@@ -59,6 +59,9 @@ def foundation_as_is(foundation, plans: dict, dataset_json: dict):
                             "(e.g. --method linear-probe), or use a foundation trained on this label set.")
     keys = parameter_keys(plans, dataset_json, foundation.configuration, None)
     state = {k: v.clone() for k, v in foundation.state_dict.items()}
+    config = plans["configurations"][foundation.configuration]
     return TrainOutcome(export_state=state, arch_override=None, train_seconds=0.0, step_times=[],
                         peak_memory_mb=None, trainable=0, total=int(sum(state[k].numel() for k in keys)),
-                        changed=0, load_report={"loaded": sorted(state), "reinitialised": []}, epoch_scores=[])
+                        changed=0, load_report={"loaded": sorted(state), "reinitialised": []}, epoch_scores=[],
+                        train_steps=0, calibration_passes=0, updated_per_step=0,
+                        batch_size=config.get("batch_size"), patch_size=list(config["patch_size"]))

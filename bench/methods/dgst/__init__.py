@@ -1,6 +1,6 @@
 """DGST (Dynamic Gradient Sparsification Training) and its ablations.
 
-Rule (DESIGN.md section 4):
+Rule (docs/design.md, "DGST"):
 1. Hierarchical freezing: norm affine parameters, every bias and the
    segmentation heads are always trained; positional embeddings / class tokens
    are always frozen; every other weight tensor is "sparse".
@@ -13,6 +13,21 @@ Rule (DESIGN.md section 4):
    weight decay cannot move a non-selected entry of the weight or of its
    optimizer state (momentum, Adam moments).
 4. Optional ``penalty`` * ||theta - theta_foundation||^2.
+
+With Adam / AdamW the rule is *lazy Adam* (the semantics of ``torch.optim.SparseAdam``):
+an entry's moments (``exp_avg``, ``exp_avg_sq``) move only at steps where it is
+selected and do not decay in between; they start at 0 the first time it is
+selected. Adam's step count, and so its bias correction, stays per tensor: it
+counts every step at which the tensor had a selection (every step, in practice).
+An entry first selected at step t therefore gets the bias correction of step t on
+moments that saw one gradient: its first update is a fresh Adam's (lr x sign(grad))
+times (1 - beta1) / (1 - beta1^t) / sqrt((1 - beta2) / (1 - beta2^t)), with the
+default betas about 0.5x at t = 10, 1x at t = 100 and 3.2x for large t. Per-entry
+step counts would need an Adam of our own; this
+rule keeps torch's update bit for bit on the selected entries
+(tests/test_dgst.py pins both). With SGD there is no step count: momentum and
+weight decay touch only selected entries, so each entry sees exactly SGD on the
+steps at which it was selected.
 """
 from __future__ import annotations
 
@@ -24,7 +39,7 @@ from torch import nn
 from bench.methods import METHODS
 from bench.methods.base import Method, MethodContext, is_head, norm_parameter_names
 from bench.methods.dgst.released import released_selection
-from bench.methods.dgst.selection import mask_from_indices, random_indices, topk_indices
+from bench.methods.dgst.selection import entries_per_row, mask_from_indices, random_indices, topk_indices
 from bench.methods.penalty import FoundationAnchor
 
 ALWAYS_FROZEN_KEYS = ("pos_embed", "cls_token", "absolute_pos_embed", "position_embedding")
@@ -77,6 +92,16 @@ class _SparseUpdateMethod(Method):
     def select(self, name: str, p: torch.Tensor, step: int) -> torch.Tensor:
         """Flat indices of the entries of ``p`` to update at this step."""
         raise NotImplementedError
+
+    def updates_per_step(self, network: nn.Module) -> Optional[int]:
+        """Every dense entry plus ``entries_per_row(gamma)`` per kernel of each sparse tensor."""
+        params = dict(network.named_parameters())
+        dense = sum(params[n].numel() for n in self.groups["dense"])
+        sparse = 0
+        for p in self.sparse.values():
+            rows = p.shape[0] if p.dim() > 1 else 1
+            sparse += rows * entries_per_row(self.hp["gamma"], p.numel() // rows)
+        return int(dense + sparse)
 
     @property
     def masks(self) -> Dict[str, torch.Tensor]:
@@ -155,8 +180,11 @@ class DGST(_SparseUpdateMethod):
 
     @classmethod
     def search_space(cls, trial):
+        # penalty on/off first: the paper's no-penalty recipe (penalty = 0) must be reachable,
+        # which a log-uniform range never is.
+        on = trial.suggest_categorical("penalty_on", [False, True])
         return {"gamma": trial.suggest_categorical("gamma", [1, 2, 4, 8]),
-                "penalty": trial.suggest_float("penalty", 1e-6, 1e-1, log=True)}
+                "penalty": trial.suggest_float("penalty", 1e-6, 1e-1, log=True) if on else 0.0}
 
 
 @METHODS.register("dgst-random")
@@ -175,6 +203,9 @@ class DGSTStatic(_SparseUpdateMethod):
     name = "dgst-static"
     summary = "ablation: DGST freezing, selection fixed once from support-set gradients"
     defaults = {**_SparseUpdateMethod.defaults, "calibration_batches": 4}
+
+    def calibration_passes(self) -> int:
+        return int(self.hp["calibration_batches"])  # paid for with as many fewer training steps
 
     def on_train_start(self, trainer) -> None:
         """Accumulate |grad| over a few support batches before training, then fix the masks."""
@@ -199,12 +230,15 @@ class DGSTStatic(_SparseUpdateMethod):
 class DGSTReleased(Method):
     """What LN-Seg-FM's released trainer does: it computes a selection (dense identity,
     two argsorts per tensor, on the mixed-precision path) but never fills the mask
-    dictionary, so every parameter is updated: full fine-tuning with its recipe."""
+    dictionary, so every parameter is updated: full fine-tuning with its recipe, nnU-Net's
+    optimizer (SGD, momentum 0.99, nesterov, weight decay 3e-5) at lr 1e-3, the full gradient
+    clipped at norm 12 (the engine's clipping: every trainable parameter is in it)."""
 
     name = "dgst-released"
-    summary = "ablation: the released trainer's behaviour (empty masks -> full fine-tuning, lr 1e-3)"
+    summary = ("ablation: the released trainer's behaviour (empty masks -> full fine-tuning; "
+               "SGD nesterov momentum 0.99, wd 3e-5, lr 1e-3)")
     defaults = {"gamma": 2}
-    spec_overrides = {"lr": 1e-3}
+    spec_overrides = {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 3e-5}
 
     def prepare(self, network, ctx):
         self.amp = ctx.device.type == "cuda"
