@@ -12,6 +12,7 @@ from bench.engine.recipe import HARNESS_DEFAULTS, resolve_recipe
 from bench.engine.trainer import BenchTrainer
 from bench.methods import get_method
 from bench.methods.base import MethodContext
+from bench.protocols import Protocol
 from bench.provenance import checkpoint_sha256, derive_seed
 from bench.results import read_snapshot, select_budget, synthetic_results, write_snapshot
 from bench.runner import RunSpec
@@ -76,8 +77,9 @@ def test_seed_is_derived_per_repeat_stably_and_an_explicit_seed_wins():
     assert len(set(seeds)) == 5, "repeats must get different seeds"
     assert seeds[2] == RunSpec(method="full", repeat=2).resolved_seed()[0], "methods of a repeat share its seed"
     # the documented formula, computed independently
-    expected = int.from_bytes(hashlib.sha256(b"phantom/v1/repeat3").digest()[:4], "big") & 0x7FFFFFFF
-    assert seeds[3] == expected == derive_seed("phantom", "v1", 3)
+    version = Protocol.load("phantom").version
+    expected = int.from_bytes(hashlib.sha256(f"phantom/{version}/repeat3".encode()).digest()[:4], "big") & 0x7FFFFFFF
+    assert seeds[3] == expected == derive_seed("phantom", version, 3)
     assert RunSpec(method="dgst", repeat=3, seed=7).resolved_seed() == (7, "user")
 
 
@@ -110,7 +112,8 @@ def test_run_id_names_the_checkpoint_by_content(tmp_path, bench_home, tiny_found
     assert RunSpec(method="dgst", foundation=str(same)).run_id() != a.run_id()
     assert RunSpec(method="dgst", foundation=str(tiny_foundation), seed=1).run_id() != a.run_id()
     # a default left unset and the same value given explicitly are the same run
-    explicit = RunSpec(method="dgst", foundation=str(tiny_foundation), optimizer="adamw", protocol_version="v1",
+    explicit = RunSpec(method="dgst", foundation=str(tiny_foundation), optimizer="adamw",
+                       protocol_version=Protocol.load("phantom").version,
                        seed=a.resolved_seed()[0])
     assert explicit.run_id() == a.run_id()
 

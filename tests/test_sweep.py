@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from bench.protocols import Protocol
 from bench.runner import run_dir
 from bench.sweep import grid, is_done, sweep, tuned_spec
 
@@ -107,8 +108,9 @@ def test_tuned_cell_is_done_only_with_its_tuned_run(bench_home, tiny_foundation)
     assert tuned_spec(spec, 0) is spec and tuned_spec(spec, 2) is None and not is_done(spec, 2)
     budget = {"trials": 2, "iterations": 2, "eval_every": 2, "optimizer": None, "weight_decay": None, "seed": 3,
               "foundation": str(tiny_foundation), "repeats": [0, 1, 2], "tune_iterations": False}
-    tuned = {"schema_version": 1, "protocol_version": "v1", "budget": budget, "spec": {"lr": 2e-3},
-             "hparams": {"gamma": 4, "penalty": 0.0}, "params_source": "journal#dgst-phantom-1shot-v1"}
+    version = Protocol.load("phantom").version
+    tuned = {"schema_version": 1, "protocol_version": version, "budget": budget, "spec": {"lr": 2e-3},
+             "hparams": {"gamma": 4, "penalty": 0.0}, "params_source": f"journal#dgst-phantom-1shot-{version}"}
     path = bench_home / "tuned" / "phantom" / "dgst" / "shots1.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(tuned))
@@ -139,7 +141,7 @@ def test_second_tuned_sweep_does_nothing(bench_home, tiny_foundation):
     again = sweep(specs, executor="local", workers=1, tune_trials=1, log=lambda *_: None)
     assert [o.status for o in again] == ["skipped", "skipped"]
     assert sorted(str(p) for p in (bench_home / "runs").rglob("result.json")) == runs_before
-    study = optuna.load_study(study_name="l2sp-phantom-1shot-v1", storage=tuning.open_storage(None).storage)
+    study = optuna.load_study(study_name=f"l2sp-phantom-1shot-{Protocol.load('phantom').version}", storage=tuning.open_storage(None).storage)
     assert len(study.trials) == 1
     budget = tuning.load_tuned("l2sp", "phantom", 1).data["budget"]
     assert (budget["optimizer"], budget["seed"], budget["eval_every"]) == ("sgd", 11, 1)
