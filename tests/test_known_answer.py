@@ -7,10 +7,16 @@ every few-shot row. Each ordering is a one-sided Wilcoxon signed-rank test on
 the 30 paired per-case test Dice values of repeat 0 (the reduced grid keeps this
 to a few minutes on one CPU core; the full grid is the sweep's job).
 """
+from pathlib import Path
+
+import pandas as pd
 import pytest
 from scipy.stats import wilcoxon
 
+from bench.methods.roles import role
+from bench.results import read_snapshot
 from bench.runner import RunSpec, run
+from bench.stats import paired_table, pairwise
 
 ALPHA = 0.05
 # row -> (method, shots); zero-shot and the oracle do not depend on the shots
@@ -52,3 +58,49 @@ def test_full_fine_tuning_learns_from_more_shots(dice):
 def test_oracle_above_every_few_shot_row(dice):
     for few in ("zero-shot", "linear-probe", "full-1", "full-5"):
         better(dice, "oracle", few)
+
+
+# --- the same known answers on the committed 5-repeat sweep, with the suite's calibrated statistics ---------
+SNAPSHOT = Path(__file__).resolve().parents[1] / "leaderboards" / "results.csv"
+
+
+def _rows(df, method: str, shots: int):
+    """One (method, shots) cell relabelled as its own 'method' so cells of different shots pair on
+    (repeat, test case): supports are nested across shots within a repeat and the test set is shared."""
+    sub = df[(df["method"] == method) & (df["shots"] == shots)].copy()
+    sub["method"], sub["shots"] = f"{method}@{shots}", 0
+    return sub
+
+
+def _crossed_better(df, high, low) -> None:
+    """The crossed t interval of mean(high - low) (bench.stats.pairwise) lies above zero."""
+    cells = pd.concat([_rows(df, *high), _rows(df, *low)])
+    paired = paired_table(cells, "phantom", 0)
+    assert paired.values.index.get_level_values("repeat").nunique() == 5, "the committed sweep runs 5 repeats"
+    t = pairwise(paired, [(f"{high[0]}@{high[1]}", f"{low[0]}@{low[1]}")]).iloc[0]
+    assert t["diff_lo"] > 0, (f"{high} - {low}: mean Dice difference {t['mean_diff']:.3f}, 95 % crossed CI "
+                              f"[{t['diff_lo']:.3f}, {t['diff_hi']:.3f}] does not exclude zero")
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    if not SNAPSHOT.is_file():
+        pytest.skip("no committed results snapshot")
+    df = read_snapshot(SNAPSHOT)
+    return df[(df["dataset"] == "phantom") & (df["protocol_version"] == "v2")]
+
+
+def test_committed_sweep_floor_probe_full(sweep):
+    _crossed_better(sweep, ("linear-probe", 5), ("zero-shot", 5))
+    _crossed_better(sweep, ("full", 5), ("linear-probe", 5))
+
+
+def test_committed_sweep_full_learns_from_more_shots(sweep):
+    _crossed_better(sweep, ("full", 5), ("full", 1))
+
+
+def test_committed_sweep_oracle_above_every_few_shot_row(sweep):
+    few_shot = [m for m in sorted(set(sweep["method"])) if role(m) != "reference"]
+    for method in few_shot:
+        for shots in (1, 3, 5):
+            _crossed_better(sweep, ("oracle", 5), (method, shots))
