@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from bench.checkpoint import load_checkpoint, strip_prefixes
 from bench.home import subdir
 
 CHECKPOINT = "checkpoint_final.pth"
@@ -48,6 +48,7 @@ class Foundation:
     configuration: str
     state_dict: Dict[str, torch.Tensor]
     mirror_axes: Optional[Tuple[int, ...]]
+    load_notes: List[str] = field(default_factory=list)  # what loading changed (prefixes stripped)
 
     @property
     def label_names(self):
@@ -65,17 +66,6 @@ def _find_checkpoint(folder: Path) -> Path:
     return folds[0]
 
 
-def load_checkpoint(path: Path) -> dict:
-    """weights_only loading first; nnU-Net's own checkpoints also pickle numpy logging values,
-    which needs a full unpickle: done only then, with a warning (load only files you trust)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pickle.UnpicklingError and friends
-        warnings.warn(f"{path} is not loadable with weights_only=True (nnU-Net pickles numpy objects); "
-                      "loading it with full unpickling. Only use checkpoints you trust.")
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_foundation(folder) -> Foundation:
     folder = Path(folder).expanduser().resolve()
     ckpt_path = _find_checkpoint(folder)
@@ -89,12 +79,13 @@ def load_foundation(folder) -> Foundation:
         raise ValueError(f"{ckpt_path}: not an nnU-Net checkpoint (no 'network_weights')")
     plans = json.loads((base / "plans.json").read_text())
     configuration = ckpt.get("init_args", {}).get("configuration") or next(iter(plans["configurations"]))
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in ckpt["network_weights"].items()}
+    state, notes = strip_prefixes(ckpt["network_weights"])
     mirror = ckpt.get("inference_allowed_mirroring_axes")
     return Foundation(name=folder.name, folder=folder, plans=plans,
                       dataset_json=json.loads((base / "dataset.json").read_text()),
                       configuration=configuration, state_dict=state,
-                      mirror_axes=tuple(mirror) if mirror is not None else None)
+                      mirror_axes=tuple(mirror) if mirror is not None else None,
+                      load_notes=[f"{ckpt_path}: {n}" for n in notes])
 
 
 def save_model_folder(folder: Path, plans: dict, dataset_json: dict, configuration: str,

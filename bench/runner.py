@@ -265,6 +265,8 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     log(f"{spec.method}: {spec.dataset} {spec.shots}-shot repeat {spec.repeat} (protocol {protocol.version}); "
         f"support {', '.join(split.support)}; device {dev.type}")
     log(f"  foundation {fid['name']} (sha256 {fid['sha256'][:12]}); seed {seed} ({seed_source})")
+    for note in foundation.load_notes:
+        log(f"  foundation load: {note}")
     log(f"  recipe: {spec.iterations} iterations, {recipe.describe()}")
     log(f"  hyper-parameters: {spec.params_source}" + (f" ({method.describe()})" if method.hp else ""))
     init_state = foundation.state_dict if method.uses_foundation else None

@@ -20,6 +20,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from bench.checkpoint import match_weights
 from bench.engine.step import make_optimizer, training_step
 from bench.methods.base import Method, MethodContext
 
@@ -142,20 +143,8 @@ class BenchTrainer(nnUNetTrainer):
 def load_weights(network: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, List[str]]:
     """Load foundation weights by name and shape. Segmentation heads are loaded when their
     shape matches (same label set), unlike nnU-Net's -pretrained_weights which always skips
-    them; anything else that does not match is an error naming the layers."""
+    them; anything else that does not match is an error naming the layers (bench.checkpoint)."""
     own = network.state_dict()
-    loaded, reinit, mismatched = [], [], []
-    for key, value in own.items():
-        src = state.get(key)
-        if src is not None and src.shape == value.shape:
-            loaded.append(key)
-        elif ".seg_layers." in key:
-            reinit.append(key)
-        else:
-            mismatched.append(f"{key}: network {tuple(value.shape)} vs checkpoint "
-                              f"{tuple(src.shape) if src is not None else 'missing'}")
-    if mismatched:
-        raise ValueError("foundation checkpoint does not match the architecture in its plans: "
-                         + "; ".join(mismatched[:8]) + (" ..." if len(mismatched) > 8 else ""))
+    loaded, reinit = match_weights({k: tuple(v.shape) for k, v in own.items()}, state)
     network.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return {"loaded": loaded, "reinitialised": reinit}
