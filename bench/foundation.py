@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from bench.checkpoint import load_checkpoint, strip_prefixes
+from bench.checkpoint import load_checkpoint, match_weights, strip_prefixes
 from bench.home import subdir
 
 CHECKPOINT = "checkpoint_final.pth"
@@ -86,6 +86,16 @@ def load_foundation(folder) -> Foundation:
                       configuration=configuration, state_dict=state,
                       mirror_axes=tuple(mirror) if mirror is not None else None,
                       load_notes=[f"{ckpt_path}: {n}" for n in notes])
+
+
+def target_load_report(foundation: Foundation, dataset_json: dict) -> Dict[str, List[str]]:
+    """What fine-tuning on a dataset with ``dataset_json`` will load from the foundation and re-initialise,
+    matched on the network its (transferred) plans build for that dataset: the check training makes, made
+    before any preprocessing. Raises ``CheckpointError`` (other input channels, other architecture)."""
+    from bench.engine.network import build_network
+    net = build_network(foundation.plans, dataset_json, foundation.configuration)
+    loaded, reinit = match_weights({k: tuple(v.shape) for k, v in net.state_dict().items()}, foundation.state_dict)
+    return {"loaded": loaded, "reinitialised": reinit}
 
 
 def save_model_folder(folder: Path, plans: dict, dataset_json: dict, configuration: str,

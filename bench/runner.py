@@ -237,7 +237,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     from bench.datasets import get_dataset
     from bench.engine.predict import make_predictor, predict_case
     from bench.engine.preprocess import transfer_plans
-    from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder
+    from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder, target_load_report
     from bench.methods import get_method
     from bench.metrics import METRICS_VERSION, case_metrics
     from bench.protocols import Protocol
@@ -270,6 +270,8 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     log(f"  recipe: {spec.iterations} iterations, {recipe.describe()}")
     log(f"  hyper-parameters: {spec.params_source}" + (f" ({method.describe()})" if method.hp else ""))
     init_state = foundation.state_dict if method.uses_foundation else None
+    if init_state is not None:
+        target_load_report(foundation, dataset_json)  # refuse a mismatching checkpoint before preprocessing
     train_ids = method.training_ids(split.support, protocol.pool)
     if set(train_ids) & set(eval_ids):
         raise ValueError(f"{spec.method} trains on {spec.evaluate_on} cases; it cannot be evaluated on them")

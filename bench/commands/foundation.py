@@ -13,8 +13,12 @@ def register(sub) -> None:
                    help="write the model folder to DIR instead of the cache (the shipped copy is rebuilt with "
                         "`bench foundation build --rebuild --into bench/pretrained/<recipe name>`)")
     b.set_defaults(func=build)
-    sh = s.add_parser("show", help="print a foundation's plans summary and parameter count")
+    sh = s.add_parser("show", help="what a foundation folder is and what fine-tuning on a dataset would load",
+                      description="Architecture, parameter count, labels, spacing, normalisation per channel, "
+                                  "and which tensors fine-tuning on --target loads or re-initialises.")
     sh.add_argument("path", nargs="?", default=None, help="nnU-Net model folder (default: phantom foundation)")
+    sh.add_argument("--target", default="phantom", metavar="DATASET",
+                    help="dataset whose labels and channels the load check uses (default: phantom)")
     sh.set_defaults(func=show)
 
 
@@ -34,11 +38,10 @@ def build(args) -> int:
 
 
 def show(args) -> int:
+    from bench.datasets import get_dataset
     from bench.foundation import get_phantom_foundation, load_foundation
+    from bench.foundation_info import describe
     f = load_foundation(args.path) if args.path else get_phantom_foundation()
-    cfg = f.plans["configurations"][f.configuration]
-    n = sum(v.numel() for v in f.state_dict.values() if v.is_floating_point())
-    print(f"{f.name} ({f.folder})\n  configuration {f.configuration}: patch {cfg['patch_size']}, spacing "
-          f"{cfg['spacing']}\n  architecture {cfg['architecture']['network_class_name']}\n  labels "
-          f"{f.dataset_json['labels']}\n  {n:,} parameters (state dict)")
+    target = get_dataset(args.target)
+    print(describe(f, target.name, target.dataset_json(0)))
     return 0
