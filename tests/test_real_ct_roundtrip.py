@@ -118,3 +118,18 @@ def test_real_ct_round_trip(tmp_path, name, native_spacing):
     else:
         # 3 -> 2.4 -> 3 mm in-plane interpolates the boundary: a few voxels of ~1,100 may flip
         assert dice > 0.99
+
+
+def test_runner_prediction_path_returns_the_reference_grid(tmp_path):
+    """What ``bench run`` scores: nnU-Net's predictor on the prepared CT (the shipped foundation's weights,
+    resampled to its 2.4 mm and back) returns a label map on the reference's voxel grid and spacing."""
+    from bench.engine.predict import make_predictor, predict_case
+    dataset = get_dataset("segrap2023")
+    case_id = segrap_release(tmp_path / "release")
+    dataset.prepare(tmp_path / "release")
+    f = load_foundation(shipped_foundation_dir())
+    predictor = make_predictor(foundation_plans(dataset, native_spacing=False), f.dataset_json, f.configuration,
+                               f.state_dict, torch.device("cpu"))
+    seg, spacing = predict_case(predictor, dataset.image_files(case_id))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(dataset.label_file(case_id)))
+    assert seg.shape == reference.shape and spacing == sitk.ReadImage(str(CT)).GetSpacing()[::-1]
