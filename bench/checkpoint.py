@@ -56,8 +56,14 @@ def _disallowed(path: Path, error: Exception) -> List[str]:
     except Exception:  # noqa: BLE001 - legacy (non-zip) format: only the error message says
         names = []
     names = [n for n in names if n not in _allowed_names()]
-    return names or re.findall(r"GLOBAL (\S+) was not an allowed global", str(error)) or \
-        [str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__]
+    if names:
+        return names
+    text = " ".join(str(error).split())
+    names = re.findall(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>", text)
+    if names:
+        return [a or b for a, b in names]
+    said = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    return [f"an object torch refuses ({said.group(1) if said else text})"]
 
 
 def load_checkpoint(path) -> dict:
@@ -71,6 +77,9 @@ def load_checkpoint(path) -> dict:
             "rebuild, and a full unpickle can run arbitrary code. Tensors, plain Python values and numpy "
             "scalars/arrays load. If you trust the file, re-save its weights alone: ckpt = torch.load(path, "
             "weights_only=False); torch.save({'network_weights': ckpt['network_weights']}, path).") from None
+    except (RuntimeError, EOFError, OSError) as e:  # torch's zip reader on a truncated or foreign file
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({str(e).strip().splitlines()[0]}); "
+                              "the file is truncated or not a checkpoint: copy or download it again.") from None
 
 
 def strip_prefixes(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:

@@ -2,6 +2,7 @@
 being run; torch.compile / DDP prefixes are stripped and reported; an input-channel mismatch is named."""
 import io
 import pathlib
+import re
 import shutil
 import zipfile
 
@@ -147,3 +148,18 @@ def test_input_channel_mismatch_is_refused_naming_both_counts_and_the_layer(ship
     msg = str(err.value)
     assert "takes 1 input channel(s), the target 2" in msg and first in msg
     assert first == "encoder.stages.0.0.convs.0.conv.weight"
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(tmp_path, shipped):
+    folder = model_folder(tmp_path, shipped, nnunet_checkpoint(shipped.state_dict, shipped))
+    path = folder / "fold_0" / CHECKPOINT
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: cannot be read as a PyTorch checkpoint")):
+        load_foundation(folder)
+
+
+def test_object_array_is_refused_naming_its_dtype(tmp_path, shipped):
+    ckpt = nnunet_checkpoint(shipped.state_dict, shipped)
+    ckpt["logging"]["notes"] = np.array(["a", 1], dtype=object)   # elements would be arbitrary objects
+    with pytest.raises(CheckpointError, match="refused: it pickles numpy.dtypes.ObjectDType"):
+        load_foundation(model_folder(tmp_path, shipped, ckpt))
