@@ -303,7 +303,7 @@ def count_entries(state: Dict[str, torch.Tensor], aliases: set) -> int:
 
 def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], aliases: set) -> int:
     """Entries that differ between two exports, each tensor counted once (keys present in both)."""
-    from bench.runner import count_changed as count_changed_over
+    from bench.engine.train import count_changed as count_changed_over
     return count_changed_over(before, after, [k for k, v in before.items() if k not in aliases
                                                and v.is_floating_point() and k in after and after[k].shape == v.shape])
 
@@ -348,7 +348,7 @@ def _setup_method(name, spec, foundation, device, seed, loss, batch, shell, mete
     from bench.engine.network import build_network
     from bench.engine.step import make_optimizer, training_step
     from bench.methods import METHODS, get_method
-    from bench.runner import DEFAULT_LR
+    from bench.engine.recipe import HARNESS_DEFAULTS
 
     data, target = batch
     meter.start()
@@ -359,7 +359,7 @@ def _setup_method(name, spec, foundation, device, seed, loss, batch, shell, mete
     method = get_method(name)
     ctx = _context(spec, foundation, device, seed)
     net = method.prepare(net, ctx).to(device)
-    lr = float(METHODS.get(name).spec_overrides.get("lr", DEFAULT_LR))
+    lr = float(METHODS.get(name).spec_overrides.get("lr", HARNESS_DEFAULTS["lr"]))
     optimizer = make_optimizer("sgd", method.param_groups(net), lr, 3e-5)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     with meter.paused():  # the harness's snapshot for the "changed" count is not the method's memory
@@ -598,7 +598,7 @@ class PerfReport:
 
 
 def resolve_device(name: str) -> torch.device:
-    from bench.runner import resolve_device as _resolve
+    from bench.engine.train import resolve_device as _resolve
     return _resolve(name)
 
 
@@ -625,7 +625,7 @@ def default_settings(device: torch.device) -> Dict[str, int]:
 def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Sequence[str], steps: int,
              warmup: int, selection_reps: int, seed: int = 0, log: Callable[[str], None] = print,
              memory_reps: int = 1) -> PerfReport:
-    from bench.runner import versions
+    from bench.provenance import versions
 
     if warmup < 2:
         raise ValueError("--warmup must be >= 2: peak memory is taken over the warm-up steps, and step 2 is the "

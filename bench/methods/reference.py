@@ -48,7 +48,7 @@ class Oracle(FullFineTuning):
 
 def foundation_as_is(foundation, plans: dict, dataset_json: dict):
     """The outcome of not training: the foundation's own weights (heads included), nothing changed."""
-    from bench.runner import TrainOutcome, parameter_keys
+    from bench.engine.train import TrainOutcome, parameter_keys
 
     theirs: Dict[str, int] = foundation.dataset_json["labels"]
     ours: Dict[str, int] = dataset_json["labels"]
