@@ -810,11 +810,10 @@ def _metric_key(*parts: str) -> str:
 
 def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional[str] = None) -> str:
     """One MLflow run tagged kind=perf: settings as params, every number as a metric, the table as artefacts."""
-    from bench.tracking import _mlflow
+    from bench import tracking
 
-    mlflow = _mlflow(tracking_uri)
     tags = {"kind": "perf", "device": report.device_name, "device_slug": report.device_slug}
-    with mlflow.start_run(run_name=f"perf-{report.device_slug}", tags=tags) as run:
+    with tracking.start_run(f"perf-{report.device_slug}", tags, tracking_uri) as run_id:
         params = {"device": report.device, "device_name": report.device_name[:500], "steps": report.steps,
                   "warmup": report.warmup, "selection_reps": report.selection_reps, "seed": report.seed,
                   "memory_reps": report.memory_reps,
@@ -825,7 +824,7 @@ def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional
             params[f"{net.key}.batch"] = net.batch
             params[f"{net.key}.features"] = ",".join(map(str, net.features))
             params[f"{net.key}.methods"] = ",".join(r["method"] for r in net.rows)[:500]
-        mlflow.log_params({k: str(v) for k, v in params.items()})
+        tracking.log_params({k: str(v) for k, v in params.items()})
         metrics: Dict[str, float] = {}
         for net in report.networks:
             for r in net.rows:
@@ -843,7 +842,7 @@ def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional
                          ("harness/harness_median_s", h["harness"]["median_s"]), ("harness/ratio", h["ratio"])):
                 if isinstance(v, (int, float)) and v == v:
                     metrics[f"{net.key}/{k}"] = float(v)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         for f in files:
-            mlflow.log_artifact(str(f))
-        return run.info.run_id
+            tracking.log_artifact(str(f))
+        return run_id

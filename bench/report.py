@@ -385,8 +385,7 @@ def _pvalue_heatmap(a: Analysis, path: Path) -> Path:
 # --- MLflow --------------------------------------------------------------------------------------------
 
 def _log_to_mlflow(out_dir: Path, metrics: Dict[str, float], tracking: str, run_name: str) -> None:
-    from bench.tracking import _mlflow
-    mlflow = _mlflow(tracking)
-    with mlflow.start_run(run_name=run_name, tags={"kind": "report"}):
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
-        mlflow.log_artifacts(str(out_dir))
+    from bench.tracking import log_artifacts, log_metrics, start_run
+    with start_run(run_name, {"kind": "report"}, tracking):
+        log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        log_artifacts(str(out_dir))

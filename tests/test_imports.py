@@ -131,3 +131,13 @@ def test_every_module_imports_first_in_a_fresh_interpreter():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=PACKAGE.parent, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_only_the_tracking_module_imports_mlflow():
+    offenders = []
+    for name, path in bench_modules().items():
+        for node in _import_nodes(ast.parse(path.read_text()), module_level=False):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if name != "bench.tracking" and any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                offenders.append(f"{name} (line {node.lineno})")
+    assert not offenders, f"MLflow is reached through bench.tracking only: {offenders}"
