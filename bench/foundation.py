@@ -49,10 +49,6 @@ class Foundation:
     state_dict: Dict[str, torch.Tensor]
     mirror_axes: Optional[Tuple[int, ...]]
 
-    @property
-    def label_names(self):
-        return sorted(self.dataset_json["labels"], key=lambda k: str(self.dataset_json["labels"][k]))
-
 
 def _find_checkpoint(folder: Path) -> Path:
     direct = folder / CHECKPOINT

@@ -18,9 +18,11 @@ class Registry(Generic[T]):
         self._items: Dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Class decorator; also sets the class's ``name``, so the name is written once."""
         def deco(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            obj.name = name
             self._items[name] = obj
             return obj
         return deco
