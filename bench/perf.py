@@ -63,11 +63,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from bench.engine.network import ONE_LABEL_DATASET_JSON
 from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
 
 REFERENCE = "full"
-DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1},
-                "numTraining": 0, "file_ending": ".nii.gz"}
+DATASET_JSON = {**ONE_LABEL_DATASET_JSON, "numTraining": 0, "file_ending": ".nii.gz"}
 
 # Printed next to the measured ratios; never asserted (timings depend on the machine).
 TARGETS = {
