@@ -141,3 +141,15 @@ def test_only_the_tracking_module_imports_mlflow():
             if name != "bench.tracking" and any(n == "mlflow" or n.startswith("mlflow.") for n in names):
                 offenders.append(f"{name} (line {node.lineno})")
     assert not offenders, f"MLflow is reached through bench.tracking only: {offenders}"
+
+
+def test_the_method_interface_loads_no_method_until_a_lookup():
+    script = ("import sys\n"
+              "import bench.engine.trainer\n"
+              "assert not [m for m in sys.modules if m.startswith('bench.methods.') and m != 'bench.methods.base'], "
+              "sorted(sys.modules)\n"
+              "from bench.methods import METHODS\n"
+              "assert 'dgst' in METHODS and 'bench.methods.dgst' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
