@@ -50,10 +50,6 @@ class Foundation:
     mirror_axes: Optional[Tuple[int, ...]]
     load_notes: List[str] = field(default_factory=list)  # what loading changed (prefixes stripped)
 
-    @property
-    def label_names(self):
-        return sorted(self.dataset_json["labels"], key=lambda k: str(self.dataset_json["labels"][k]))
-
 
 def _find_checkpoint(folder: Path) -> Path:
     direct = folder / CHECKPOINT
@@ -153,12 +149,22 @@ def phantom_plans(recipe: dict, dataset_name: str) -> dict:
     return tiny_plans(dataset_name, intensity=PHANTOM_INTENSITY, **recipe.get("plans", PHANTOM_RECIPE["plans"]))
 
 
+def pretraining_config(recipe: dict):
+    """The foundation recipe's training part (its other keys name the foundation and its plans)."""
+    from bench.engine.recipe import HARNESS_DEFAULTS, Recipe
+    from bench.engine.train import TrainConfig
+    return TrainConfig(Recipe(recipe.get("optimizer", HARNESS_DEFAULTS["optimizer"]), float(recipe["lr"]),
+                              float(recipe.get("weight_decay", HARNESS_DEFAULTS["weight_decay"]))),
+                       iterations=int(recipe["iterations"]), eval_every=int(recipe.get("eval_every", 10)),
+                       batch_size=recipe.get("batch_size"))
+
+
 def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto") -> Path:
     """Pretrain the tiny foundation on the phantom source domain from a seeded random init, then score
     it on the held-out source cases (recorded in bench.json, checked against the shipped copy by tests)."""
     from bench.datasets.phantom import PhantomSource
     from bench.methods import get_method
-    from bench.runner import train_network
+    from bench.engine.train import train_network
 
     log(f"building foundation {recipe['name']} ({recipe['iterations']} iterations on phantom-source); "
         "cached afterwards")
@@ -173,8 +179,8 @@ def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=pr
     shutil.rmtree(tmp, ignore_errors=True)
     outcome = train_network(dataset=source, plans=plans, dataset_json=dataset_json, configuration="3d_fullres",
                             method=get_method("full"), init_state=None,
-                            train_ids=train_ids, val_ids=val_ids, out_dir=tmp / "training", recipe=recipe,
-                            device=device, log=log)
+                            train_ids=train_ids, val_ids=val_ids, out_dir=tmp / "training",
+                            config=pretraining_config(recipe), seed=recipe.get("seed", 0), device=device, log=log)
     save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None)
     info = {"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
             "pretrain_ids": train_ids, "val_ids": val_ids, "train_seconds": round(outcome.train_seconds, 1),
@@ -193,7 +199,7 @@ def source_dice(folder: Path, source, case_ids, device: str = "auto") -> Dict[st
     import SimpleITK as sitk
     from bench.engine.predict import make_predictor, predict_case
     from bench.metrics import case_metrics
-    from bench.runner import resolve_device
+    from bench.engine.train import resolve_device
 
     f = load_foundation(folder)
     predictor = make_predictor(f.plans, f.dataset_json, f.configuration, f.state_dict, resolve_device(device))

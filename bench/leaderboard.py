@@ -8,7 +8,7 @@ significantly worse than the leader by the crossed t test, Holm-corrected over *
 non-reference methods: the leader is chosen from the data, so only a family that covers every pair
 holds its error rate whichever method leads (``tests/test_calibration.py``). NSD, HD95 and lesion F1
 are means over the same blocks; trainable, changed parameters, train seconds and peak memory are
-means over runs. The caption says what produced the table (``bench.report.provenance``).
+means over runs. The caption says what produced the table (``bench.captions.provenance``).
 
 Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no timestamps, PNGs without
 software metadata.
@@ -21,8 +21,10 @@ from typing import List
 import numpy as np
 import pandas as pd
 
-from bench.report import fmt, fmt_ci, markdown_table, p_text, palette, provenance, save_figure  # Agg backend
-import matplotlib.pyplot as plt  # noqa: E402  (after bench.report chose the backend)
+from bench.figures import palette, save_figure  # first: selects the Agg backend
+import matplotlib.pyplot as plt  # noqa: E402
+from bench.captions import provenance  # noqa: E402
+from bench.formatting import fmt, fmt_ci, markdown_table, p_text  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
 from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
 

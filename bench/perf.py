@@ -63,11 +63,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from bench.engine.network import ONE_LABEL_DATASET_JSON
 from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
 
 REFERENCE = "full"
-DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1},
-                "numTraining": 0, "file_ending": ".nii.gz"}
+DATASET_JSON = {**ONE_LABEL_DATASET_JSON, "numTraining": 0, "file_ending": ".nii.gz"}
 
 # Printed next to the measured ratios; never asserted (timings depend on the machine).
 TARGETS = {
@@ -303,7 +303,7 @@ def count_entries(state: Dict[str, torch.Tensor], aliases: set) -> int:
 
 def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], aliases: set) -> int:
     """Entries that differ between two exports, each tensor counted once (keys present in both)."""
-    from bench.runner import count_changed as count_changed_over
+    from bench.engine.train import count_changed as count_changed_over
     return count_changed_over(before, after, [k for k, v in before.items() if k not in aliases
                                                and v.is_floating_point() and k in after and after[k].shape == v.shape])
 
@@ -348,7 +348,7 @@ def _setup_method(name, spec, foundation, device, seed, loss, batch, shell, mete
     from bench.engine.network import build_network
     from bench.engine.step import make_optimizer, training_step
     from bench.methods import METHODS, get_method
-    from bench.runner import DEFAULT_LR
+    from bench.engine.recipe import HARNESS_DEFAULTS
 
     data, target = batch
     meter.start()
@@ -359,7 +359,7 @@ def _setup_method(name, spec, foundation, device, seed, loss, batch, shell, mete
     method = get_method(name)
     ctx = _context(spec, foundation, device, seed)
     net = method.prepare(net, ctx).to(device)
-    lr = float(METHODS.get(name).spec_overrides.get("lr", DEFAULT_LR))
+    lr = float(METHODS.get(name).spec_overrides.get("lr", HARNESS_DEFAULTS["lr"]))
     optimizer = make_optimizer("sgd", method.param_groups(net), lr, 3e-5)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     with meter.paused():  # the harness's snapshot for the "changed" count is not the method's memory
@@ -598,7 +598,7 @@ class PerfReport:
 
 
 def resolve_device(name: str) -> torch.device:
-    from bench.runner import resolve_device as _resolve
+    from bench.engine.train import resolve_device as _resolve
     return _resolve(name)
 
 
@@ -625,7 +625,7 @@ def default_settings(device: torch.device) -> Dict[str, int]:
 def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Sequence[str], steps: int,
              warmup: int, selection_reps: int, seed: int = 0, log: Callable[[str], None] = print,
              memory_reps: int = 1) -> PerfReport:
-    from bench.runner import versions
+    from bench.provenance import versions
 
     if warmup < 2:
         raise ValueError("--warmup must be >= 2: peak memory is taken over the warm-up steps, and step 2 is the "
@@ -810,11 +810,10 @@ def _metric_key(*parts: str) -> str:
 
 def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional[str] = None) -> str:
     """One MLflow run tagged kind=perf: settings as params, every number as a metric, the table as artefacts."""
-    from bench.tracking import _mlflow
+    from bench import tracking
 
-    mlflow = _mlflow(tracking_uri)
     tags = {"kind": "perf", "device": report.device_name, "device_slug": report.device_slug}
-    with mlflow.start_run(run_name=f"perf-{report.device_slug}", tags=tags) as run:
+    with tracking.start_run(f"perf-{report.device_slug}", tags, tracking_uri) as run_id:
         params = {"device": report.device, "device_name": report.device_name[:500], "steps": report.steps,
                   "warmup": report.warmup, "selection_reps": report.selection_reps, "seed": report.seed,
                   "memory_reps": report.memory_reps,
@@ -825,7 +824,7 @@ def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional
             params[f"{net.key}.batch"] = net.batch
             params[f"{net.key}.features"] = ",".join(map(str, net.features))
             params[f"{net.key}.methods"] = ",".join(r["method"] for r in net.rows)[:500]
-        mlflow.log_params({k: str(v) for k, v in params.items()})
+        tracking.log_params({k: str(v) for k, v in params.items()})
         metrics: Dict[str, float] = {}
         for net in report.networks:
             for r in net.rows:
@@ -843,7 +842,7 @@ def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional
                          ("harness/harness_median_s", h["harness"]["median_s"]), ("harness/ratio", h["ratio"])):
                 if isinstance(v, (int, float)) and v == v:
                     metrics[f"{net.key}/{k}"] = float(v)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         for f in files:
-            mlflow.log_artifact(str(f))
-        return run.info.run_id
+            tracking.log_artifact(str(f))
+        return run_id

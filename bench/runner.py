@@ -1,8 +1,8 @@
 """Run one cell: (method, dataset, shots, repeat) -> fine-tune, predict, score, record.
 
 The pipeline is the same for every method: prepare data, load the foundation,
-transfer its plans, preprocess support + tuning cases, train with the one
-``BenchTrainer``, export stock nnU-Net weights, predict the evaluation cases
+transfer its plans, train (``bench.engine.train``: preprocessing, the one
+``BenchTrainer``, the stock nnU-Net export), predict the evaluation cases
 with nnU-Net's predictor, compute per-case metrics, write ``result.json``
 (last, atomically: a killed run leaves no result) and log to MLflow.
 """
@@ -11,19 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
-import torch
 
 import bench
-from bench.engine.recipe import HARNESS_DEFAULTS, OPTIMIZERS, Recipe, resolve_recipe
+from bench.engine.recipe import OPTIMIZERS, Recipe, resolve_recipe
+from bench.engine.train import TrainConfig, resolve_device, train_network
 from bench.home import configure_nnunet_env, subdir
-from bench.memory import MemoryMeter
 from bench.provenance import checkpoint_sha256, derive_seed, device_name, git_commit, versions
 
 RESULT_SCHEMA_VERSION = 2  # 2: provenance block, resolved recipe and seed, foundation hash in the run id
@@ -101,133 +98,6 @@ def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
     return {"name": folder.name, "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
 
 
-DEFAULT_LR = HARNESS_DEFAULTS["lr"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class TrainOutcome:
-    export_state: Dict[str, torch.Tensor]
-    arch_override: Optional[dict]
-    train_seconds: float
-    step_times: List[float]
-    peak_memory_mb: Optional[float]  # above the process at the start of fine-tuning; None: unmeasurable
-    trainable: int
-    total: int
-    changed: int
-    load_report: Dict[str, List[str]]
-    epoch_scores: List[Dict[str, float]]
-    train_steps: int = 0           # optimizer steps
-    calibration_passes: int = 0    # forward/backward passes outside steps (counted in the iteration budget)
-    updated_per_step: Optional[int] = None  # entries one step updates; None: every trainable entry
-    batch_size: Optional[int] = None
-    patch_size: Optional[List[int]] = None
-
-
-def parameter_keys(plans: dict, dataset_json: dict, configuration: str, arch_override: Optional[dict]) -> List[str]:
-    """State-dict keys of the exported architecture, each parameter once. nnU-Net registers the same
-    tensors under several names (``.conv`` and ``.all_modules.0``; ``decoder.encoder.*``);
-    ``named_parameters`` de-duplicates them, a state dict does not."""
-    from bench.engine.network import build_network
-    plans = json.loads(json.dumps(plans))
-    if arch_override:
-        plans["configurations"][configuration]["architecture"].update(arch_override)
-    return [n for n, _ in build_network(plans, dataset_json, configuration).named_parameters()]
-
-
-def count_changed(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], keys: List[str]) -> int:
-    """Entries that differ between two exports, over ``keys``."""
-    return int(sum((before[k] != after[k].to(before[k].device)).sum().item() for k in keys))
-
-
-def stop_data_loaders(trainer) -> None:
-    """Stop nnU-Net's background augmentation workers (what its on_train_end does), best effort."""
-    for loader in (getattr(trainer, "dataloader_train", None), getattr(trainer, "dataloader_val", None)):
-        finish = getattr(loader, "_finish", None)
-        if callable(finish):
-            try:
-                finish()
-            except Exception:  # noqa: BLE001 - cleanup must not mask the original exception
-                pass
-
-
-def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
-                  out_dir: Path, recipe: dict, device="auto", seed: Optional[int] = None,
-                  log: Callable = print, epoch_callback=None) -> TrainOutcome:
-    """Preprocess (plan transfer), train with BenchTrainer, export stock weights."""
-    from bench.engine.preprocess import preprocess
-    from bench.engine.trainer import BenchTrainer
-    from bench.methods.base import MethodContext
-
-    configure_nnunet_env()
-    dev = resolve_device(device) if isinstance(device, str) else device
-    seed = recipe.get("seed", 0) if seed is None else seed
-    seed_everything(seed)
-    base = preprocess(dataset, plans, dataset_json, configuration, list(dict.fromkeys(train_ids + val_ids)), log=log)
-    plans_for_trainer = json.loads(json.dumps(plans))
-    plans_for_trainer["continue_training"] = False
-    trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
-    ctx = MethodContext(foundation_state=init_state or {}, device=dev, seed=seed,
-                        extra={"architecture": plans["configurations"][configuration]["architecture"]})
-    trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
-                  preprocessed_base=str(base), output_folder=str(out_dir), iterations=int(recipe["iterations"]),
-                  eval_every=int(recipe.get("eval_every", 10)), lr=float(recipe["lr"]),
-                  weight_decay=float(recipe.get("weight_decay", 3e-5)), optimizer=recipe.get("optimizer", "adamw"),
-                  batch_size=recipe.get("batch_size"), progress=log)
-    scores: List[Dict[str, float]] = []
-
-    def _on_epoch(epoch, s):
-        scores.append(s)
-        if epoch_callback:
-            epoch_callback(epoch, s)
-    trainer.epoch_callback = _on_epoch
-    meter = MemoryMeter(dev).start()  # network, optimizer state, activations: the method's own cost
-    trainer.initialize()
-    net = trainer.network
-    before, override = method.export(net)
-    keys = parameter_keys(plans, dataset_json, configuration, override)
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    updated = method.updates_per_step(net)
-    if trainer.load_report:
-        rep = trainer.load_report
-        heads = "loaded (label set matches)" if not rep["reinitialised"] else \
-            "re-initialised: " + ", ".join(rep["reinitialised"])
-        log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
-    t0 = time.perf_counter()
-    try:
-        trainer.run_training()
-    except BaseException:
-        # An exception out of the loop (e.g. optuna.TrialPruned raised by epoch_callback) skips
-        # nnU-Net's on_train_end, the only place that stops its augmentation worker processes.
-        stop_data_loaders(trainer)
-        raise
-    train_seconds = time.perf_counter() - t0
-    peak_bytes = meter.stop()
-    export_state, arch_override = method.export(trainer.network)
-    changed = count_changed(before, export_state, keys)
-    total = sum(before[k].numel() for k in keys)
-    cm = trainer.configuration_manager
-    return TrainOutcome(export_state, arch_override, train_seconds, trainer.step_times,
-                        peak_bytes / 2**20 if peak_bytes is not None else None,
-                        int(trainable), int(total), changed, trainer.load_report, scores,
-                        train_steps=trainer.global_step, calibration_passes=trainer.calibration_passes,
-                        updated_per_step=updated, batch_size=int(cm.batch_size),
-                        patch_size=[int(v) for v in cm.patch_size])
-
-
 def run_dir(spec: RunSpec) -> Path:
     return subdir("runs", spec.dataset, spec.method, f"shots{spec.shots}", f"repeat{spec.repeat}", spec.run_id())
 
@@ -280,9 +150,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
                                 configuration=foundation.configuration, method=method,
                                 init_state=init_state, train_ids=train_ids, val_ids=split.tune or split.support,
                                 out_dir=out / "training",
-                                recipe={"iterations": spec.iterations, "eval_every": spec.eval_every,
-                                        "batch_size": spec.batch_size, "optimizer": recipe.optimizer,
-                                        "lr": recipe.lr, "weight_decay": recipe.weight_decay},
+                                config=TrainConfig(recipe, spec.iterations, spec.eval_every, spec.batch_size),
                                 device=dev, seed=seed, log=log, epoch_callback=epoch_callback)
     else:
         from bench.methods.reference import foundation_as_is

@@ -223,8 +223,8 @@ def _prepare_shared_inputs(specs: List[RunSpec], log: Callable, tracking_uri: Op
     before cells run in parallel, so workers never race to create the same things."""
     from bench.datasets import get_dataset
     from bench.foundation import get_phantom_foundation
-    from bench.tracking import _mlflow
-    _mlflow(tracking_uri)  # MLflow creates its SQLite schema on first use; two workers doing it collide
+    from bench.tracking import open_store
+    open_store(tracking_uri)  # MLflow creates its SQLite schema on first use; two workers doing it collide
     for name in sorted({s.dataset for s in specs}):
         ds = get_dataset(name)
         if not ds.needs_source:  # a missing release is each cell's own, reported failure
@@ -294,12 +294,11 @@ def _write_summary(outcomes, wall, executor, workers, tracking_uri) -> Path:
                "cells": [asdict(o) for o in outcomes]}
     path.write_text(json.dumps(summary, indent=1))
     try:
-        from bench.tracking import _mlflow
-        mlflow = _mlflow(tracking_uri)
-        with mlflow.start_run(run_name=path.stem, tags={"kind": "sweep"}):
-            mlflow.log_metrics({"wall_seconds": wall, "cell_seconds_total": summary["cell_seconds_total"],
-                                "cells_failed": sum(o.status == "failed" for o in outcomes)})
-            mlflow.log_artifact(str(path))
+        from bench import tracking
+        with tracking.start_run(path.stem, {"kind": "sweep"}, tracking_uri):
+            tracking.log_metrics({"wall_seconds": wall, "cell_seconds_total": summary["cell_seconds_total"],
+                                  "cells_failed": sum(o.status == "failed" for o in outcomes)})
+            tracking.log_artifact(str(path))
     except Exception as e:  # the summary file is the record; tracking is best effort here
         print(f"note: sweep summary not logged to MLflow ({e})")
     return path

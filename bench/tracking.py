@@ -2,13 +2,19 @@
 
 Default store: ``sqlite:///$BENCH_HOME/mlflow.db`` (``mlflow ui --backend-store-uri`` that
 URI shows it). Any tracking URI works, e.g. a shared MLflow server for many machines.
+
+The only module that imports mlflow. Its surface: ``open_store``; ``log_result`` (a cell);
+``start_run`` with ``log_params`` / ``log_metrics`` / ``log_artifact(s)`` inside it (reports, perf,
+sweeps); ``StudyTracker`` (a tuning study and its trials).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from bench.home import bench_home, default_tracking_uri
 
@@ -30,6 +36,39 @@ def _mlflow(tracking_uri: Optional[str]):
             pass
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
+
+
+def open_store(tracking_uri: Optional[str] = None) -> None:
+    """Create the store and the experiment now (MLflow creates a SQLite schema on first use)."""
+    _mlflow(tracking_uri)
+
+
+@contextlib.contextmanager
+def start_run(run_name: str, tags: Dict[str, str], tracking_uri: Optional[str] = None) -> Iterator[str]:
+    """A top-level run; ``log_*`` below log to it. Yields its run id."""
+    mlflow = _mlflow(tracking_uri)
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        yield run.info.run_id
+
+
+def log_params(params: Dict[str, Any]) -> None:
+    import mlflow
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: Dict[str, float]) -> None:
+    import mlflow
+    mlflow.log_metrics(metrics)
+
+
+def log_artifact(path: str) -> None:
+    import mlflow
+    mlflow.log_artifact(path)
+
+
+def log_artifacts(folder: str) -> None:
+    import mlflow
+    mlflow.log_artifacts(folder)
 
 
 def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -72,3 +111,63 @@ def log_result(result: dict, out_dir: Path, tracking_uri: Optional[str] = None,
             (Path(tmp) / "result.json").write_text(json.dumps(result, indent=1, default=str))
             mlflow.log_artifacts(tmp)
         return run.info.run_id
+
+
+class StudyTracker:
+    """An Optuna study's run (reused when a study resumes) and nested trial runs, via MlflowClient so that
+    the runner's own fluent ``mlflow.start_run(parent_run_id=...)`` is unaffected."""
+
+    def __init__(self, tracking_uri: Optional[str], study_name: str, storage_label: str,
+                 params: Dict[str, Any], tags: Dict[str, str]):
+        mlflow = _mlflow(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.client = mlflow.MlflowClient()
+        self.exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        self.base_tags = {k: str(v) for k, v in tags.items()}
+        existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
+                                                        order_by=["attributes.start_time DESC"], max_results=1000)
+                    if r.data.tags.get("optuna.study") == study_name
+                    and r.data.tags.get("optuna.storage") == storage_label]
+        if existing:
+            self.study_run = existing[0].info.run_id
+            self.client.update_run(self.study_run, status="RUNNING")
+        else:
+            run = self.client.create_run(self.exp_id, run_name=study_name, tags={
+                **self.base_tags, "kind": "study", "optuna.study": study_name, "optuna.storage": storage_label})
+            self.study_run = run.info.run_id
+            self._log_params(self.study_run, params)
+
+    def _log_params(self, run_id: str, params: Dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+
+    def start_trial(self, number: int, study_name: str, params: Dict[str, Any]) -> str:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+        run = self.client.create_run(self.exp_id, run_name=f"{study_name}-trial{number}", tags={
+            **self.base_tags, MLFLOW_PARENT_RUN_ID: self.study_run, "kind": "trial",
+            "optuna.study": study_name, "optuna.trial": str(number), "state": "RUNNING"})
+        self._log_params(run.info.run_id, {**params, "trial": number})
+        return run.info.run_id
+
+    def end_trial(self, run_id: str, state: str, value: Optional[float] = None, error: str = "") -> None:
+        if value is not None and math.isfinite(value):
+            self.client.log_metric(run_id, "dice_tune_mean", float(value))
+        self.client.set_tag(run_id, "state", state)
+        if error:
+            self.client.set_tag(run_id, "error", error[:4000])
+        self.client.set_terminated(run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+
+    def end_study(self, summary: dict, tuned_file: Optional[Path], status: str = "FINISHED") -> None:
+        counts = summary["trials"]
+        for k, v in counts.items():
+            self.client.log_metric(self.study_run, f"trials_{k}", float(v))
+        best = summary.get("best")
+        if best:
+            self.client.log_metric(self.study_run, "best_value", float(best["value"]))
+            tags = {"best.trial": best["trial"], **{f"best.{k}": v for k, v in best["spec"].items()},
+                    **{f"best.hp.{k}": v for k, v in best["hparams"].items()}}
+            for k, v in tags.items():
+                self.client.set_tag(self.study_run, k, str(v))
+        if tuned_file is not None and tuned_file.is_file():
+            self.client.log_artifact(self.study_run, str(tuned_file))
+        self.client.set_terminated(self.study_run, status)

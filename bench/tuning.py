@@ -90,6 +90,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from bench.home import bench_home, subdir
+from bench.tracking import StudyTracker
 
 DEFAULT_TRIALS = 20             # the same trial budget for every method
 DEFAULT_REPEATS = 3             # the objective averages the first 3 repeats' tuning sets
@@ -185,68 +186,6 @@ def check_no_test_cases(case_ids: Sequence[str], split) -> None:
         raise TestSetAccessError(f"tuning evaluated case(s) {stray} outside the tuning-validation split")
 
 
-# --------------------------------------------------------------------------- MLflow
-class _Tracker:
-    """Study run (reused when a study resumes) and nested trial runs, via MlflowClient so that
-    the runner's own fluent ``mlflow.start_run(parent_run_id=...)`` is unaffected."""
-
-    def __init__(self, tracking_uri: Optional[str], study_name: str, storage_label: str,
-                 params: Dict[str, Any], tags: Dict[str, str]):
-        from bench.tracking import EXPERIMENT, _mlflow
-        mlflow = _mlflow(tracking_uri)
-        self.tracking_uri = tracking_uri
-        self.client = mlflow.MlflowClient()
-        self.exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-        self.base_tags = {k: str(v) for k, v in tags.items()}
-        existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
-                                                        order_by=["attributes.start_time DESC"], max_results=1000)
-                    if r.data.tags.get("optuna.study") == study_name
-                    and r.data.tags.get("optuna.storage") == storage_label]
-        if existing:
-            self.study_run = existing[0].info.run_id
-            self.client.update_run(self.study_run, status="RUNNING")
-        else:
-            run = self.client.create_run(self.exp_id, run_name=study_name, tags={
-                **self.base_tags, "kind": "study", "optuna.study": study_name, "optuna.storage": storage_label})
-            self.study_run = run.info.run_id
-            self._log_params(self.study_run, params)
-
-    def _log_params(self, run_id: str, params: Dict[str, Any]) -> None:
-        from mlflow.entities import Param
-        self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
-
-    def start_trial(self, number: int, study_name: str, params: Dict[str, Any]) -> str:
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-        run = self.client.create_run(self.exp_id, run_name=f"{study_name}-trial{number}", tags={
-            **self.base_tags, MLFLOW_PARENT_RUN_ID: self.study_run, "kind": "trial",
-            "optuna.study": study_name, "optuna.trial": str(number), "state": "RUNNING"})
-        self._log_params(run.info.run_id, {**params, "trial": number})
-        return run.info.run_id
-
-    def end_trial(self, run_id: str, state: str, value: Optional[float] = None, error: str = "") -> None:
-        if value is not None and math.isfinite(value):
-            self.client.log_metric(run_id, "dice_tune_mean", float(value))
-        self.client.set_tag(run_id, "state", state)
-        if error:
-            self.client.set_tag(run_id, "error", error[:4000])
-        self.client.set_terminated(run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
-
-    def end_study(self, summary: dict, tuned_file: Optional[Path], status: str = "FINISHED") -> None:
-        counts = summary["trials"]
-        for k, v in counts.items():
-            self.client.log_metric(self.study_run, f"trials_{k}", float(v))
-        best = summary.get("best")
-        if best:
-            self.client.log_metric(self.study_run, "best_value", float(best["value"]))
-            tags = {"best.trial": best["trial"], **{f"best.{k}": v for k, v in best["spec"].items()},
-                    **{f"best.hp.{k}": v for k, v in best["hparams"].items()}}
-            for k, v in tags.items():
-                self.client.set_tag(self.study_run, k, str(v))
-        if tuned_file is not None and tuned_file.is_file():
-            self.client.log_artifact(self.study_run, str(tuned_file))
-        self.client.set_terminated(self.study_run, status)
-
-
 # --------------------------------------------------------------------------- study bookkeeping
 def _worker() -> Dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
@@ -332,7 +271,7 @@ class _Study:
     base_spec: Dict[str, Any]
     iterations: int
     tune_iterations: bool
-    tracker: _Tracker
+    tracker: StudyTracker
     tracking_uri: Optional[str]
     run_log: Callable
     quiet: bool = True        # hide nnU-Net's own prints during trials
@@ -498,7 +437,7 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
 
         if objective is None and n_new:
             _preflight(dataset, foundation, device, log)
-        tracker = _Tracker(tracking_uri, name, st.label,
+        tracker = StudyTracker(tracking_uri, name, st.label,
                            params={k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in budget.items()},
                            tags={"method": method, "dataset": dataset, "shots": shots,
                                  "budget.trials": trials, "params_source": "tuning"})

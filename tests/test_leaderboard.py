@@ -108,7 +108,7 @@ def test_committed_leaderboards_regenerate_without_diff(tmp_path):
 
 def test_caption_and_columns_from_recorded_provenance(results):
     """When results carry lr, optimizer, total parameters and empty-mask flags, the table says so."""
-    from bench.report import provenance
+    from bench.captions import provenance
 
     df = results.assign(lr=3e-3, optimizer="adamw", total_params=346006.0, updated_per_step=1234.0,
                         foundation="phantom-v1", foundation_sha256="abcdef0123456789",

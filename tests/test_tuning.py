@@ -21,9 +21,9 @@ PHANTOM_PROTOCOL = Protocol.load("phantom").version  # study names carry the pro
 @pytest.fixture(scope="module")
 def tracking_uri(tmp_path_factory):
     """One migrated MLflow store for the module (creating one costs seconds on a busy CPU)."""
-    from bench.tracking import _mlflow
+    from bench.tracking import open_store
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    _mlflow(uri)
+    open_store(uri)
     return uri
 
 

@@ -1,8 +1,6 @@
 """``bench methods``: every registered method, what it trains and how many parameters that is."""
 from __future__ import annotations
 
-PHANTOM_DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}}
-
 
 def register(sub) -> None:
     p = sub.add_parser("methods", help="list the fine-tuning methods and their trainable parameters",
@@ -17,9 +15,9 @@ def register(sub) -> None:
 
 def network_factory(foundation=None):
     """A callable building a fresh network of the foundation's architecture (weights do not matter here)."""
-    from bench.engine.network import build_network, tiny_plans
+    from bench.engine.network import ONE_LABEL_DATASET_JSON, build_network, tiny_plans
     if foundation is None:
-        plans, dataset_json, configuration = tiny_plans("Dataset902_PhantomTarget"), PHANTOM_DATASET_JSON, "3d_fullres"
+        plans, dataset_json, configuration = tiny_plans("Dataset902_PhantomTarget"), ONE_LABEL_DATASET_JSON, "3d_fullres"
     else:
         from bench.foundation import load_foundation
         f = load_foundation(foundation)

@@ -48,7 +48,6 @@ PROTOCOL_SEED = 2023
 
 @DATASETS.register("lnq2023")
 class LNQ2023(ReleaseDataset):
-    name = "lnq2023"
     dataset_id = 912
     folder_name = "Dataset912_LNQ2023"
     description = "LNQ2023 mediastinal lymph nodes, val 20 + test 100 fully annotated CTs (needs --source)"

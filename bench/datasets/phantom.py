@@ -218,7 +218,6 @@ class PhantomSource(_PhantomBase):
 
 @DATASETS.register("phantom")
 class Phantom(_PhantomBase):
-    name = "phantom"
     dataset_id = 902
     folder_name = "Dataset902_PhantomTarget"
     domain = TARGET

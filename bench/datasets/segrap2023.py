@@ -47,7 +47,6 @@ PROTOCOL_SEED, TEST_SEED, N_TEST = 2023, 7, 40
 
 @DATASETS.register("segrap2023")
 class SegRap2023(ReleaseDataset):
-    name = "segrap2023"
     dataset_id = 911
     folder_name = "Dataset911_SegRap2023"
     description = "SegRap2023 training release, 120 nasopharyngeal CTs, target GTVnd (needs --source)"

@@ -7,6 +7,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+# dataset.json of a network built without a dataset (the phantom's label set: one CT channel, one
+# foreground label): the method inventory, perf and tiny test networks.
+ONE_LABEL_DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}}
+
 
 def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres",
                   deep_supervision: bool = True) -> nn.Module:
@@ -82,4 +86,4 @@ def tiny_network(features=(4, 8), patch=(8, 16, 16), seed: int = 0) -> nn.Module
     """A seconds-fast PlainConvUNet with deep supervision, for unit tests."""
     torch.manual_seed(seed)
     plans = tiny_plans("Dataset999_Tiny", patch_size=patch, features=features)
-    return build_network(plans, {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}})
+    return build_network(plans, ONE_LABEL_DATASET_JSON)

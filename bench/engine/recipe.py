@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 # AdamW: nnU-Net's SGD at lr 1e-2 often stayed all-background for hundreds of iterations on the
-# tiny phantom network (DESIGN.md section 9); methods that need nnU-Net's SGD set it in their recipe.
+# tiny phantom network; methods that need nnU-Net's SGD set it in their recipe.
 HARNESS_DEFAULTS: Dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 3e-5}
 RECIPE_FIELDS = tuple(HARNESS_DEFAULTS)
 # What each optimizer name builds (bench.engine.step.make_optimizer), for headers and captions.

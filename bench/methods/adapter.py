@@ -123,7 +123,6 @@ def adapted_class(network: nn.Module) -> type:
 
 @METHODS.register("adapter")
 class Adapter(Method):
-    name = "adapter"
     summary = "zero-initialised residual bottleneck conv adapters after every stage; backbone frozen"
     defaults = {"reduction": 4, "target": "all", "train_heads": True}
 

@@ -111,9 +111,6 @@ class Method:
         (``{"network_class_name": ..., "arch_kwargs": {...}}``) when the method changes the architecture."""
         return {k: v.detach().clone() for k, v in network.state_dict().items()}, None
 
-    def trainable_names(self, network: nn.Module) -> List[str]:
-        return [n for n, p in network.named_parameters() if p.requires_grad]
-
     @classmethod
     def search_space(cls, trial) -> Dict[str, Any]:
         """Optuna space of this method's own hyper-parameters (shared ones are added by the tuner)."""

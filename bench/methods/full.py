@@ -5,5 +5,4 @@ from bench.methods.base import Method
 
 @METHODS.register("full")
 class FullFineTuning(Method):
-    name = "full"
     summary = "all parameters trained (upper bound on capacity)"

@@ -15,7 +15,6 @@ from bench.methods.penalty import FoundationAnchor
 
 @METHODS.register("l2sp")
 class L2SP(Method):
-    name = "l2sp"
     summary = "L2-SP: all parameters trained, L2 pull towards the foundation weights"
     defaults = {"penalty": 1e-2}
 

@@ -31,7 +31,6 @@ class PartialFineTuning(Method):
 
 @METHODS.register("linear-probe")
 class LinearProbe(PartialFineTuning):
-    name = "linear-probe"
     summary = "segmentation head(s) only (all deep-supervision outputs)"
 
     def selected(self, network):
@@ -40,7 +39,6 @@ class LinearProbe(PartialFineTuning):
 
 @METHODS.register("decoder")
 class DecoderOnly(PartialFineTuning):
-    name = "decoder"
     summary = "decoder (stage convs, transposed convs) and heads; encoder frozen"
 
     def selected(self, network):
@@ -53,7 +51,6 @@ class DecoderOnly(PartialFineTuning):
 
 @METHODS.register("bitfit")
 class BitFit(PartialFineTuning):
-    name = "bitfit"
     summary = "BitFit: every bias (conv, transposed conv, norm) and the heads"
 
     def selected(self, network):
@@ -62,7 +59,6 @@ class BitFit(PartialFineTuning):
 
 @METHODS.register("norm")
 class NormTuning(PartialFineTuning):
-    name = "norm"
     summary = "normalisation affine parameters (scale and shift) and the heads"
 
     def selected(self, network):

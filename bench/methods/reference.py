@@ -24,7 +24,6 @@ class NotApplicable(ValueError):
 
 @METHODS.register("zero-shot")
 class ZeroShot(Method):
-    name = "zero-shot"
     summary = "reference (floor): the foundation as it is, no training; needs the target's label set on its head"
     trains = False
 
@@ -39,7 +38,6 @@ class ZeroShot(Method):
 
 @METHODS.register("oracle")
 class Oracle(FullFineTuning):
-    name = "oracle"
     summary = "reference (ceiling): full fine-tuning on the protocol's whole pool of labelled non-test cases"
 
     def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
@@ -48,7 +46,7 @@ class Oracle(FullFineTuning):
 
 def foundation_as_is(foundation, plans: dict, dataset_json: dict):
     """The outcome of not training: the foundation's own weights (heads included), nothing changed."""
-    from bench.runner import TrainOutcome, parameter_keys
+    from bench.engine.train import TrainOutcome, parameter_keys
 
     theirs: Dict[str, int] = foundation.dataset_json["labels"]
     ours: Dict[str, int] = dataset_json["labels"]

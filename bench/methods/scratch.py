@@ -15,7 +15,6 @@ from bench.methods.base import Method
 
 @METHODS.register("scratch")
 class Scratch(Method):
-    name = "scratch"
     summary = "same architecture, random initialisation (no foundation), all parameters trained"
     uses_foundation = False
 

@@ -40,10 +40,6 @@ class Split:
     tune: List[str]
     test: List[str]
 
-    def training_ids(self) -> List[str]:
-        """What a fine-tuning run may read labels of: support and tuning cases, never test."""
-        return self.support + self.tune
-
 
 def make_protocol(dataset: str, version: str, pool: Sequence[str], test: Sequence[str],
                   shots: Iterable[int] = (1, 3, 5), repeats: int = 5, seed: int = 0,

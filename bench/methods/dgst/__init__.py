@@ -172,7 +172,6 @@ class _SparseUpdateMethod(Method):
 
 @METHODS.register("dgst")
 class DGST(_SparseUpdateMethod):
-    name = "dgst"
     summary = "DGST: hierarchical freezing + per-kernel top-gamma |grad| entries each step"
 
     def select(self, name, p, step):
@@ -189,7 +188,6 @@ class DGST(_SparseUpdateMethod):
 
 @METHODS.register("dgst-random")
 class DGSTRandom(_SparseUpdateMethod):
-    name = "dgst-random"
     summary = "ablation: DGST freezing, gamma random entries per kernel each step"
 
     def select(self, name, p, step):
@@ -200,7 +198,6 @@ class DGSTRandom(_SparseUpdateMethod):
 
 @METHODS.register("dgst-static")
 class DGSTStatic(_SparseUpdateMethod):
-    name = "dgst-static"
     summary = "ablation: DGST freezing, selection fixed once from support-set gradients"
     defaults = {**_SparseUpdateMethod.defaults, "calibration_batches": 4}
 
@@ -234,7 +231,6 @@ class DGSTReleased(Method):
     optimizer (SGD, momentum 0.99, nesterov, weight decay 3e-5) at lr 1e-3, the full gradient
     clipped at norm 12 (the engine's clipping: every trainable parameter is in it)."""
 
-    name = "dgst-released"
     summary = ("ablation: the released trainer's behaviour (empty masks -> full fine-tuning; "
                "SGD nesterov momentum 0.99, wd 3e-5, lr 1e-3)")
     defaults = {"gamma": 2}

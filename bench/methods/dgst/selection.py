@@ -55,7 +55,3 @@ def mask_from_indices(idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def topk_mask(grad: torch.Tensor, gamma: float) -> torch.Tensor:
     return mask_from_indices(topk_indices(grad, gamma), grad)
-
-
-def random_mask(like: torch.Tensor, gamma: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    return mask_from_indices(random_indices(like, gamma, generator), like)

@@ -28,7 +28,6 @@ from bench.methods.lora.conv import add_lora, lora_parameter_ids, merged_copy, t
 
 @METHODS.register("lora")
 class LoRA(Method):
-    name = "lora"
     summary = "LoRA (peft) on every backbone conv, heads trained; merged into the convs at export"
     defaults = {"r": 8, "alpha": 16, "dropout": 0.0, "target": "all", "train_heads": True}
 
