@@ -46,7 +46,6 @@ import contextlib
 import copy
 import csv
 import gc
-import io
 import itertools
 import os
 import platform
@@ -64,6 +63,7 @@ import torch
 from torch import nn
 
 from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
+from bench.quiet import quiet
 
 REFERENCE = "full"
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1},
@@ -173,10 +173,10 @@ def network_spec(key: str, device: torch.device, patch: Optional[Sequence[int]] 
 # --------------------------------------------------------------------------------------------
 def _quiet_trainer(cls, plans: dict, configuration: str, dataset_json: dict, device: torch.device):
     """An nnU-Net trainer object without ``initialize()`` (no preprocessed data needed); its console
-    chatter is swallowed."""
+    chatter goes to the third-party log."""
     p = copy.deepcopy(plans)
     p["continue_training"] = False
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet():
         return cls(p, configuration, 0, copy.deepcopy(dataset_json), device)
 
 

@@ -24,6 +24,7 @@ import bench
 from bench.engine.recipe import HARNESS_DEFAULTS, OPTIMIZERS, Recipe, resolve_recipe
 from bench.home import configure_nnunet_env, subdir
 from bench.memory import MemoryMeter
+from bench.quiet import quiet
 from bench.provenance import checkpoint_sha256, derive_seed, device_name, git_commit, versions
 
 RESULT_SCHEMA_VERSION = 2  # 2: provenance block, resolved recipe and seed, foundation hash in the run id
@@ -179,7 +180,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     base = preprocess(dataset, plans, dataset_json, configuration, list(dict.fromkeys(train_ids + val_ids)), log=log)
     plans_for_trainer = json.loads(json.dumps(plans))
     plans_for_trainer["continue_training"] = False
-    trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
+    with quiet():  # "Using device: cpu" and the like
+        trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
     ctx = MethodContext(foundation_state=init_state or {}, device=dev, seed=seed,
                         extra={"architecture": plans["configurations"][configuration]["architecture"]})
     trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
@@ -195,7 +197,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
             epoch_callback(epoch, s)
     trainer.epoch_callback = _on_epoch
     meter = MemoryMeter(dev).start()  # network, optimizer state, activations: the method's own cost
-    trainer.initialize()
+    with quiet():
+        trainer.initialize()
     net = trainer.network
     before, override = method.export(net)
     keys = parameter_keys(plans, dataset_json, configuration, override)
