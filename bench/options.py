@@ -62,7 +62,7 @@ def _finite(v) -> bool:
 positive_int = _check("positive_int", _as_int, lambda v: v >= 1, "a positive integer", "0")
 nonneg_int = _check("nonneg_int", _as_int, lambda v: v >= 0, "an integer >= 0", "-1")
 positive_float = _check("positive_float", _as_float, lambda v: _finite(v) and v > 0, "a number > 0", "0")
-nonneg_float = _check("nonneg_float", _as_float, lambda v: _finite(v) and v >= 0, "a number >= 0", "-1e-3")
+nonneg_float = _check("nonneg_float", _as_float, lambda v: _finite(v) and v >= 0, "a number >= 0", "-0.001")
 fraction = _check("fraction", _as_float, lambda v: 0 <= v < 1, "a number in [0, 1)", "1")
 port = _check("port", _as_int, lambda v: 0 < v < 65536, "a port number in 1..65535", "70000")
 seed = _check("seed", _as_int, lambda v: 0 <= v < 2**32, "an integer in 0..2^32-1 (numpy's seed range)", "-1")

@@ -1,7 +1,8 @@
 """Third-party chatter (nnU-Net's prints such as "Using device: cpu", library warnings) goes to the
 ``bench.thirdparty`` logger at DEBUG instead of the terminal, so a run prints the suite's own lines;
-``--verbose`` shows it (``show_third_party``). Wrap only library calls that do not call back into
-the suite's own printing: inside ``quiet()`` every write to stdout is captured."""
+``--verbose`` shows it (``show_third_party``). Inside ``quiet()`` every write to stdout is captured:
+around library calls that call back into the suite's own printing (the training loop reports progress)
+use ``quiet(stdout=False)``, which captures warnings only."""
 from __future__ import annotations
 
 import contextlib
@@ -37,14 +38,14 @@ class _LineLogger(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def quiet(source: str = "nnU-Net"):
-    """Inside: stdout writes and warnings are logged at DEBUG as '<source>: <line>'."""
+def quiet(source: str = "nnU-Net", stdout: bool = True):
+    """Inside: warnings (and stdout writes unless ``stdout=False``) are logged at DEBUG as '<source>: <line>'."""
     sink = _LineLogger(source)
 
     def log_warning(message, category, filename, lineno, file=None, line=None):
         LOGGER.debug("%s: %s: %s (%s:%s)", source, category.__name__, message, filename, lineno)
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink) if stdout else contextlib.nullcontext():
         warnings.showwarning = log_warning
         try:
             yield

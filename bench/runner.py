@@ -211,7 +211,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
     t0 = time.perf_counter()
     try:
-        trainer.run_training()
+        with quiet(stdout=False):  # its progress lines are the suite's own
+            trainer.run_training()
     except BaseException:
         # An exception out of the loop (e.g. optuna.TrialPruned raised by epoch_callback) skips
         # nnU-Net's on_train_end, the only place that stops its augmentation worker processes.

@@ -181,17 +181,19 @@ def _submit_local(todo, tracking_uri, workers, tune_trials):
 
 
 def _start_ray(address: Optional[str], workers: int) -> str:
-    """Join the Ray cluster at ``address`` (else $RAY_ADDRESS), or start a private local instance
-    with ``workers`` CPUs; returns where the cells will run, for the sweep's first line."""
+    """Join the Ray cluster at ``address`` (else $RAY_ADDRESS; "auto": the one `ray start` started on
+    this machine), or start a private local instance with ``workers`` CPUs; returns where the cells
+    will run, for the sweep's first line."""
     import ray
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=None if address else workers,
+        # "local": without it ray.init() silently joins a cluster `ray start` left on this machine
+        ray.init(address=address or "local", num_cpus=None if address else workers,
                  include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k.startswith(("BENCH_", "nnUNet_"))}})
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    where = f"the Ray cluster at {address}" if address else "a private local Ray instance"
+    gcs, cpus = ray.get_runtime_context().gcs_address, int(ray.cluster_resources().get("CPU", 0))
+    where = f"the Ray cluster at {gcs}" if address else f"a private local Ray instance ({gcs})"
     return f"{where} ({len(ray.nodes())} node(s), {cpus} CPU(s))"
 
 

@@ -150,3 +150,53 @@ def test_second_tuned_sweep_does_nothing(bench_home, tiny_foundation):
     assert sorted(r["spec"]["repeat"] for r in tests) == [0, 1]
     assert {r["spec"]["params_source"] for r in tests} == {tuning.load_tuned("l2sp", "phantom", 1).source}
     assert {(r["spec"]["optimizer"], r["spec"]["seed"]) for r in results} == {("sgd", 11)}
+
+
+def test_slurm_without_slurm_is_refused_naming_the_local_executor(bench_home, tmp_path, monkeypatch, capsys):
+    from bench.cli import main
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun / sbatch, as on this machine
+    rc = main(["sweep", "--executor", "slurm", "--methods", "full", "--shots", "1", "--repeats", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "SLURM is not available" in err and "--executor local" in err, err
+    assert not (bench_home / "runs").exists()  # refused before anything ran
+
+
+def test_ray_address_without_ray_is_refused(bench_home, capsys):
+    from bench.cli import main
+    assert main(["sweep", "--methods", "full", "--shots", "1", "--repeats", "1",
+                 "--ray-address", "127.0.0.1:6379"]) == 2
+    assert "--ray-address is for --executor ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_joins_a_running_cluster(bench_home, tiny_foundation):
+    """A Ray head started here (private temp dir: no other ray.init() on this machine finds it) is
+    joined through ``ray_address``; it is stopped by its own process id."""
+    import socket
+    import tempfile
+    ray = pytest.importorskip("ray")
+    ray.shutdown()  # a Ray instance an earlier test left connected would be used instead
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}",
+                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (temp / "ray_current_cluster").exists():  # written once the head is up
+            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        lines = []
+        specs = grid(["full"], ["phantom"], [1], [0], foundation=str(tiny_foundation), **TINY)
+        out = sweep(specs, executor="ray", ray_address=f"127.0.0.1:{port}", log=lines.append)
+        assert [o.status for o in out] == ["done"], out[0].error
+        assert f"on the Ray cluster at 127.0.0.1:{port} (1 node(s), 1 CPU(s))" in lines[0], lines[0]
+    finally:
+        ray.shutdown()
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        head.wait(timeout=60)
