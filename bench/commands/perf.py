@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--patch", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="patch size for the chosen network(s) (default: tiny 32 64 64; default network "
                         "56 192 160 on CUDA, 16 64 64 on CPU)")
-    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 2; 1 for the default network on CPU)")
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="batch size (default: 2; 1 for the default network on CPU)")
     p.add_argument("--steps", type=positive_int, default=None, help="timed rounds (default: 8 on CPU, 20 on CUDA)")
     p.add_argument("--memory-reps", type=positive_int, default=None,
                    help="memory windows per method (set-up + warm-up), median reported (default: 3 CPU, 1 CUDA)")

@@ -26,8 +26,10 @@ def add_run_arguments(p) -> None:
     p.add_argument("--foundation", default=None,
                    help="nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
                         "default: the phantom foundation, built on first use")
-    p.add_argument("--iterations", type=positive_int, default=60, help="training iterations (same budget for all methods)")
-    p.add_argument("--eval-every", type=positive_int, default=10, help="iterations between tuning-set pseudo-Dice checks")
+    p.add_argument("--iterations", type=positive_int, default=60,
+                   help="training iterations (same budget for all methods)")
+    p.add_argument("--eval-every", type=positive_int, default=10,
+                   help="iterations between tuning-set pseudo-Dice checks")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help="default: the method's recipe (dgst-released: nnU-Net's SGD), else adamw")
     p.add_argument("--weight-decay", type=nonneg_float, default=None,
@@ -48,7 +50,8 @@ def register(sub) -> None:
                                    "protocol split, predict the fixed test cases with nnU-Net, print per-case "
                                    "metrics and log the run to MLflow.")
     add_run_arguments(p)
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: the method's recipe, else 3e-3)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default: the method's recipe, else 3e-3)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
     p.add_argument("--params", default="default",
