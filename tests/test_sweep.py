@@ -167,36 +167,3 @@ def test_ray_address_without_ray_is_refused(bench_home, capsys):
                  "--ray-address", "127.0.0.1:6379"]) == 2
     assert "--ray-address is for --executor ray" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-def test_ray_joins_a_running_cluster(bench_home, tiny_foundation):
-    """A Ray head started here (private temp dir: no other ray.init() on this machine finds it) is
-    joined through ``ray_address``; it is stopped by its own process id."""
-    import socket
-    import tempfile
-    ray = pytest.importorskip("ray")
-    ray.shutdown()  # a Ray instance an earlier test left connected would be used instead
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp}",
-                             "--include-dashboard=false", "--disable-usage-stats", "--block"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not (temp / "ray_current_cluster").exists():  # written once the head is up
-            assert head.poll() is None and time.time() < deadline, "ray start --head did not come up"
-            time.sleep(0.5)
-        lines = []
-        specs = grid(["full"], ["phantom"], [1], [0], foundation=str(tiny_foundation), **TINY)
-        out = sweep(specs, executor="ray", ray_address=f"127.0.0.1:{port}", log=lines.append)
-        assert [o.status for o in out] == ["done"], out[0].error
-        assert f"on the Ray cluster at 127.0.0.1:{port} (1 node(s), 1 CPU(s))" in lines[0], lines[0]
-    finally:
-        ray.shutdown()
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        head.wait(timeout=60)
