@@ -46,7 +46,6 @@ import contextlib
 import copy
 import csv
 import gc
-import io
 import itertools
 import os
 import platform
@@ -65,6 +64,7 @@ from torch import nn
 
 from bench.engine.network import ONE_LABEL_DATASET_JSON
 from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
+from bench.quiet import quiet
 
 REFERENCE = "full"
 DATASET_JSON = {**ONE_LABEL_DATASET_JSON, "numTraining": 0, "file_ending": ".nii.gz"}
@@ -173,10 +173,10 @@ def network_spec(key: str, device: torch.device, patch: Optional[Sequence[int]] 
 # --------------------------------------------------------------------------------------------
 def _quiet_trainer(cls, plans: dict, configuration: str, dataset_json: dict, device: torch.device):
     """An nnU-Net trainer object without ``initialize()`` (no preprocessed data needed); its console
-    chatter is swallowed."""
+    chatter goes to the third-party log."""
     p = copy.deepcopy(plans)
     p["continue_training"] = False
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet():
         return cls(p, configuration, 0, copy.deepcopy(dataset_json), device)
 
 

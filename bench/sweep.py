@@ -180,14 +180,35 @@ def _submit_local(todo, tracking_uri, workers, tune_trials):
     pool.shutdown()
 
 
-def _submit_ray(todo, tracking_uri, workers, tune_trials):
+def _start_ray(address: Optional[str], workers: int) -> str:
+    """Join the Ray cluster at ``address`` (else $RAY_ADDRESS; "auto": the one `ray start` started on
+    this machine), or start a private local instance with ``workers`` CPUs; returns where the cells
+    will run, for the sweep's first line."""
     import ray
+    address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        # RAY_ADDRESS (or `ray start`) selects a cluster; otherwise a local one is started.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS") else workers,
+        # "local": without it ray.init() silently joins a cluster `ray start` left on this machine
+        ray.init(address=address or "local", num_cpus=None if address else workers,
                  include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k.startswith(("BENCH_", "nnUNet_"))}})
+    gcs, cpus = ray.get_runtime_context().gcs_address, int(ray.cluster_resources().get("CPU", 0))
+    where = f"the Ray cluster at {gcs}" if address else f"a private local Ray instance ({gcs})"
+    return f"{where} ({len(ray.nodes())} node(s), {cpus} CPU(s))"
+
+
+def _check_slurm(slurm: Optional[dict]) -> None:
+    """submitit's AutoExecutor silently runs the jobs as local processes where there is no SLURM:
+    a user who asked for the cluster is told instead (``slurm={"cluster": "local"}`` asks for that)."""
+    import shutil
+    if (slurm or {}).get("cluster") is None and shutil.which("srun") is None:
+        raise ValueError("--executor slurm: SLURM is not available on this machine (no `srun` on PATH), and "
+                         "the cells would run here as local processes; use --executor local to run them here, "
+                         "or start the sweep on a SLURM login node")
+
+
+def _submit_ray(todo, tracking_uri, workers, tune_trials):
+    import ray
     remote = ray.remote(num_gpus=1 if _gpu_count() else 0, max_retries=0)(run_cell)
     pending = {remote.remote(asdict(s), tracking_uri, tune_trials): s for s in todo}
     while pending:
@@ -235,9 +256,13 @@ def _prepare_shared_inputs(specs: List[RunSpec], log: Callable, tracking_uri: Op
 
 def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force: bool = False,
           tracking_uri: Optional[str] = None, tune_trials: int = 0, log: Callable = print,
-          slurm: Optional[dict] = None) -> List[CellOutcome]:
+          slurm: Optional[dict] = None, ray_address: Optional[str] = None) -> List[CellOutcome]:
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if executor == "slurm":
+        _check_slurm(slurm)
+    if ray_address and executor != "ray":
+        raise ValueError(f"--ray-address is for --executor ray, not --executor {executor}")
     _prepare_shared_inputs(specs, log, tracking_uri)
     done = {id(s) for s in specs if not force and is_done(s, tune_trials)}
     outcomes = [CellOutcome(cell_key(s), "skipped") for s in specs if id(s) in done]
@@ -246,7 +271,8 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
         run_dir(s)  # create the folders up front (cell.log lives there)
     waves = _tuning_waves(todo) if tune_trials else [todo]
     estimate = estimate_seconds(todo, tune_trials)
-    log(f"sweep: {len(specs)} cells, {len(outcomes)} already done, {len(todo)} to run on {executor} "
+    where = _start_ray(ray_address, workers) if executor == "ray" and todo else executor
+    log(f"sweep: {len(specs)} cells, {len(outcomes)} already done, {len(todo)} to run on {where} "
         f"with {workers} worker(s); estimated {sum(estimate.values()) / max(workers, 1) / 60:.1f} min")
     submit = {"local": _submit_local, "ray": _submit_ray, "slurm": _submit_slurm}[executor]
     extra = {"slurm": slurm} if executor == "slurm" else {}

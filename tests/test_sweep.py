@@ -150,3 +150,20 @@ def test_second_tuned_sweep_does_nothing(bench_home, tiny_foundation):
     assert sorted(r["spec"]["repeat"] for r in tests) == [0, 1]
     assert {r["spec"]["params_source"] for r in tests} == {tuning.load_tuned("l2sp", "phantom", 1).source}
     assert {(r["spec"]["optimizer"], r["spec"]["seed"]) for r in results} == {("sgd", 11)}
+
+
+def test_slurm_without_slurm_is_refused_naming_the_local_executor(bench_home, tmp_path, monkeypatch, capsys):
+    from bench.cli import main
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun / sbatch, as on this machine
+    rc = main(["sweep", "--executor", "slurm", "--methods", "full", "--shots", "1", "--repeats", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "SLURM is not available" in err and "--executor local" in err, err
+    assert not (bench_home / "runs").exists()  # refused before anything ran
+
+
+def test_ray_address_without_ray_is_refused(bench_home, capsys):
+    from bench.cli import main
+    assert main(["sweep", "--methods", "full", "--shots", "1", "--repeats", "1",
+                 "--ray-address", "127.0.0.1:6379"]) == 2
+    assert "--ray-address is for --executor ray" in capsys.readouterr().err
+

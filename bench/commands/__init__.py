@@ -1,11 +1,12 @@
 """One module per ``bench`` sub-command; each defines ``register(subparsers)``.
 
-Options shared by several commands live here."""
+Options shared by several commands live here; numeric ones are checked by ``bench.options``."""
+from bench.options import positive_int
 
 
 def add_budget_selection(p) -> None:
     """``--iterations`` / ``--params``: pick one budget from collected results (unequal ones are refused)."""
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--iterations", type=positive_int, default=None,
                    help="only results trained for this many iterations (methods are compared at equal budgets; "
                         "results of different budgets are refused)")
     p.add_argument("--params", choices=["default", "tuned"], default=None,

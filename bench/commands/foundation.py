@@ -1,13 +1,15 @@
 """``bench foundation build|show``: the cached phantom foundation model."""
 from __future__ import annotations
 
+from bench.options import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("foundation", help="build or inspect the phantom foundation model")
     s = p.add_subparsers(dest="action", required=True)
     b = s.add_parser("build", help="pretrain the tiny foundation on phantom-source (same recipe, same seed)")
     b.add_argument("--rebuild", action="store_true", help="discard the cached model first")
-    b.add_argument("--iterations", type=int, default=None, help="override the recipe (for quick checks)")
+    b.add_argument("--iterations", type=positive_int, default=None, help="override the recipe (for quick checks)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--into", default=None, metavar="DIR",
                    help="write the model folder to DIR instead of the cache (the shipped copy is rebuilt with "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from bench.options import at_least, positive_int, seed
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -16,22 +18,23 @@ def register(sub) -> None:
     p.add_argument("--network", choices=["tiny", "default", "both"], default="both",
                    help="tiny: the phantom foundation's architecture (8-64 features); default: nnU-Net's default "
                         "3d_fullres for H&N CT (32-320 features); both (default)")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+    p.add_argument("--patch", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="patch size for the chosen network(s) (default: tiny 32 64 64; default network "
                         "56 192 160 on CUDA, 16 64 64 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 2; 1 for the default network on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed rounds (default: 8 on CPU, 20 on CUDA)")
-    p.add_argument("--memory-reps", type=int, default=None,
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="batch size (default: 2; 1 for the default network on CPU)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed rounds (default: 8 on CPU, 20 on CUDA)")
+    p.add_argument("--memory-reps", type=positive_int, default=None,
                    help="memory windows per method (set-up + warm-up), median reported (default: 3 CPU, 1 CUDA)")
-    p.add_argument("--warmup", type=int, default=None,
+    p.add_argument("--warmup", type=at_least(2), default=None,
                    help="warm-up steps per method, >= 2; peak memory is taken over them (default: 2 CPU, 3 CUDA)")
-    p.add_argument("--selection-reps", type=int, default=None,
+    p.add_argument("--selection-reps", type=positive_int, default=None,
                    help="repetitions of the selection timing (default: 3 CPU, 10 CUDA)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--methods", default="all", help="'all' (default) or a comma list; full is always included")
     p.add_argument("--out", default="leaderboards", help="folder for perf_<device>.md/.csv (default: leaderboards)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in $BENCH_HOME)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     # For the test-suite: a 3-stage 4-16 feature network, patch 8x16x16, batch 1; files get a -tiny-test suffix.
     p.add_argument("--tiny-test", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=main)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from bench.options import nonneg_float, nonneg_int, positive_float, positive_int, seed
+
 
 def _kv(text: str):
     key, _, value = text.partition("=")
@@ -18,23 +20,28 @@ def add_run_arguments(p) -> None:
     """Arguments shared by run and tune."""
     p.add_argument("--method", required=True, help="a registered method (see `bench methods`)")
     p.add_argument("--dataset", default="phantom", help="registered dataset (default: phantom, embedded)")
-    p.add_argument("--shots", type=int, default=3, help="support cases: 1, 3 or 5 (default 3)")
-    p.add_argument("--repeat", type=int, default=0, help="protocol repeat (support draw), default 0")
+    p.add_argument("--shots", type=positive_int, default=3, help="support cases: 1, 3 or 5 (default 3)")
+    p.add_argument("--repeat", type=nonneg_int, default=0, help="protocol repeat (support draw), default 0")
     p.add_argument("--protocol", default=None, help="protocol version (default: newest)")
     p.add_argument("--foundation", default=None,
                    help="nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
                         "default: the phantom foundation, built on first use")
-    p.add_argument("--iterations", type=int, default=60, help="training iterations (same budget for all methods)")
-    p.add_argument("--eval-every", type=int, default=10, help="iterations between tuning-set pseudo-Dice checks")
+    p.add_argument("--iterations", type=positive_int, default=60,
+                   help="training iterations (same budget for all methods)")
+    p.add_argument("--eval-every", type=positive_int, default=10,
+                   help="iterations between tuning-set pseudo-Dice checks")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help="default: the method's recipe (dgst-released: nnU-Net's SGD), else adamw")
-    p.add_argument("--weight-decay", type=float, default=None,
+    p.add_argument("--weight-decay", type=nonneg_float, default=None,
                    help="default: the method's recipe, else 3e-5")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=seed, default=None,
                    help="training seed (default: derived from the dataset, protocol version and repeat, "
                         "recorded in the result)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in $BENCH_HOME)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show nnU-Net's own output and library warnings (on stderr); tune: also each "
+                        "trial's training progress")
 
 
 def register(sub) -> None:
@@ -43,7 +50,8 @@ def register(sub) -> None:
                                    "protocol split, predict the fixed test cases with nnU-Net, print per-case "
                                    "metrics and log the run to MLflow.")
     add_run_arguments(p)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's recipe, else 3e-3)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="learning rate (default: the method's recipe, else 3e-3)")
     p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
                    help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
     p.add_argument("--params", default="default",
@@ -60,10 +68,13 @@ def spec_from_args(args, **overrides):
 
 
 def main(args) -> int:
-    from bench.methods import METHODS
+    from bench.methods import get_method
+    from bench.quiet import show_third_party
     from bench.runner import run
-    METHODS.get(args.method)  # fail fast with the list of valid names
     hparams = dict(_kv(t) for t in args.hp)
+    get_method(args.method, **hparams)  # fail fast: unknown names (listing the valid ones), bad values
+    if args.verbose:
+        show_third_party()
     overrides = {"hparams": hparams, "lr": args.lr}
     if args.params == "tuned":
         from bench.tuning import load_tuned

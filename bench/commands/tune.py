@@ -1,15 +1,7 @@
 """``bench tune``: Optuna search of a method's hyper-parameters on the tuning-validation split."""
 from __future__ import annotations
 
-
-def _repeats(text: str):
-    try:
-        values = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise ValueError(f"--repeats expects comma-separated integers such as 0,1; got {text!r}") from None
-    if not values:
-        raise ValueError("--repeats needs at least one repeat")
-    return values
+from bench.options import comma_list, nonneg_int, positive_int
 
 
 def register(sub) -> None:
@@ -28,10 +20,10 @@ def register(sub) -> None:
         epilog="example: bench tune --method lora --shots 3 --trials 20   then   "
                "bench run --method lora --shots 3 --params tuned")
     add_run_arguments(p)
-    p.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+    p.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS,
                    help=f"trial budget of the study, the same for every method (default {DEFAULT_TRIALS}); "
                         "completed and pruned trials count, failed ones do not")
-    p.add_argument("--repeats", type=_repeats, default=None, metavar="R[,R...]",
+    p.add_argument("--repeats", type=comma_list(nonneg_int), default=None, metavar="R[,R...]",
                    help=f"protocol repeats whose tuning sets the objective averages, e.g. 0,1 (default: the "
                         f"first {DEFAULT_REPEATS}; --repeat is not used by tune); each trial fine-tunes once "
                         f"per repeat")
@@ -42,12 +34,14 @@ def register(sub) -> None:
                    help="default: <method>-<dataset>-<shots>shot-<protocol version>")
     p.add_argument("--tune-iterations", action="store_true",
                    help="also search the iterations per trial among 0.5x, 1x, 2x --iterations")
-    p.add_argument("--verbose", action="store_true", help="print each trial's training progress")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
+    from bench.quiet import show_third_party
     from bench.tuning import tune
+    if args.verbose:
+        show_third_party()
     tune(args.method, dataset=args.dataset, shots=args.shots, trials=args.trials,
          repeats=args.repeats, storage=args.storage, study_name=args.study_name,
          iterations=args.iterations, eval_every=args.eval_every, optimizer=args.optimizer,

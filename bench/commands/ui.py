@@ -8,14 +8,16 @@ import subprocess
 import sys
 import time
 
+from bench.options import port
+
 
 def register(sub) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on $BENCH_HOME's store (and optuna-dashboard with --optuna)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=5000, help="MLflow UI port (default 5000)")
+    p.add_argument("--port", type=port, default=5000, help="MLflow UI port (default 5000)")
     p.add_argument("--tracking-uri", default=None, help="MLflow backend store (default: $BENCH_HOME/mlflow.db)")
     p.add_argument("--optuna", action="store_true", help="also start optuna-dashboard on the tuning storage")
-    p.add_argument("--optuna-port", type=int, default=8080)
+    p.add_argument("--optuna-port", type=port, default=8080)
     p.add_argument("--storage", default=None, help="Optuna storage (default: $BENCH_HOME/optuna/journal.log)")
     p.set_defaults(func=main)
 
@@ -23,9 +25,6 @@ def register(sub) -> None:
 def commands(args) -> list:
     """The processes ``bench ui`` starts, as argument lists (tested without starting them)."""
     from bench.home import bench_home, default_tracking_uri
-    for port in (args.port, args.optuna_port):
-        if not 0 < port < 65536:
-            raise ValueError(f"port {port} is not in 1..65535")
     uri = args.tracking_uri or default_tracking_uri()
     cmds = [[sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
              "--default-artifact-root", (bench_home() / "mlartifacts").as_uri(),

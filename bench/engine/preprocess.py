@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bench.home import subdir
+from bench.quiet import quiet
 
 
 def plans_hash(plans: dict, configuration: str) -> str:
@@ -53,8 +54,9 @@ def preprocess(dataset, plans: dict, dataset_json: dict, configuration: str,
     pre = DefaultPreprocessor(verbose=False)
     for cid in todo:
         with tempfile.TemporaryDirectory(dir=base) as tmp:
-            pre.run_case_save(os.path.join(tmp, cid), dataset.image_files(cid), dataset.label_file(cid),
-                              pm, cm, dataset_json)
+            with quiet():
+                pre.run_case_save(os.path.join(tmp, cid), dataset.image_files(cid), dataset.label_file(cid),
+                                  pm, cm, dataset_json)
             # the .pkl is moved last: its presence marks a complete case
             files = sorted(Path(tmp).iterdir(), key=lambda p: p.suffix == ".pkl")
             for f in files:

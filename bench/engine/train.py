@@ -18,6 +18,7 @@ import torch
 from bench.engine.recipe import Recipe
 from bench.home import configure_nnunet_env
 from bench.memory import MemoryMeter
+from bench.quiet import quiet
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +104,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     base = preprocess(dataset, plans, dataset_json, configuration, list(dict.fromkeys(train_ids + val_ids)), log=log)
     plans_for_trainer = json.loads(json.dumps(plans))
     plans_for_trainer["continue_training"] = False
-    trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
+    with quiet():  # "Using device: cpu" and the like
+        trainer = BenchTrainer(plans_for_trainer, configuration, 0, dataset_json, dev)
     ctx = MethodContext(foundation_state=init_state or {}, device=dev, seed=seed,
                         extra={"architecture": plans["configurations"][configuration]["architecture"]})
     trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
@@ -118,7 +120,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
             epoch_callback(epoch, s)
     trainer.epoch_callback = _on_epoch
     meter = MemoryMeter(dev).start()  # network, optimizer state, activations: the method's own cost
-    trainer.initialize()
+    with quiet():
+        trainer.initialize()
     net = trainer.network
     before, override = method.export(net)
     keys = parameter_keys(plans, dataset_json, configuration, override)
@@ -131,7 +134,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
     t0 = time.perf_counter()
     try:
-        trainer.run_training()
+        with quiet(stdout=False):  # its progress lines are the suite's own
+            trainer.run_training()
     except BaseException:
         # An exception out of the loop (e.g. optuna.TrialPruned raised by epoch_callback) skips
         # nnU-Net's on_train_end, the only place that stops its augmentation worker processes.

@@ -29,6 +29,7 @@ from torch import nn
 
 from bench.methods import METHODS
 from bench.methods.base import Method, MethodContext, is_head
+from bench.options import positive_int
 
 TARGETS = ("all", "encoder", "decoder")
 
@@ -125,6 +126,7 @@ def adapted_class(network: nn.Module) -> type:
 class Adapter(Method):
     summary = "zero-initialised residual bottleneck conv adapters after every stage; backbone frozen"
     defaults = {"reduction": 4, "target": "all", "train_heads": True}
+    hp_checks = {"reduction": positive_int}
 
     def prepare(self, network: nn.Module, ctx: MethodContext) -> nn.Module:
         self.cls = adapted_class(network)

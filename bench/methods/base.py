@@ -9,10 +9,12 @@ and returns plain nnU-Net weights (``export``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from bench.options import OptionError, check_for_default
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Method:
     # Method-specific hyper-parameters and their defaults; shared ones (lr,
     # iterations, optimizer, weight decay) live in the run spec.
     defaults: ClassVar[Dict[str, Any]] = {}
+    # Checks (``bench.options``) stricter than the one a default implies (its type, not negative).
+    hp_checks: ClassVar[Dict[str, Callable[[Any], Any]]] = {}
     # The method's training recipe: optimizer, lr, weight_decay (bench.engine.recipe), applied
     # unless the user sets them (e.g. the released DGST trainer's SGD at lr 1e-3).
     spec_overrides: ClassVar[Dict[str, Any]] = {}
@@ -64,7 +68,14 @@ class Method:
         if unknown:
             raise ValueError(f"method {self.name!r} has no hyper-parameter(s) {sorted(unknown)}; "
                              f"it accepts: {sorted(self.defaults) or 'none'}")
-        self.hp: Dict[str, Any] = {**self.defaults, **hparams}
+        self.hp: Dict[str, Any] = {**self.defaults, **{k: self._checked(k, v) for k, v in hparams.items()}}
+
+    def _checked(self, key: str, value: Any) -> Any:
+        check = self.hp_checks.get(key) or check_for_default(self.defaults[key])
+        try:
+            return check(value)
+        except OptionError as e:
+            raise OptionError(f"method {self.name!r}: hyper-parameter {key} {e} (--hp {key}=VALUE)") from None
 
     # --- set-up ---------------------------------------------------------------------------
     def prepare(self, network: nn.Module, ctx: MethodContext) -> nn.Module:

@@ -41,6 +41,7 @@ from bench.methods.base import Method, MethodContext, is_head, norm_parameter_na
 from bench.methods.dgst.released import released_selection
 from bench.methods.dgst.selection import entries_per_row, mask_from_indices, random_indices, topk_indices
 from bench.methods.penalty import FoundationAnchor
+from bench.options import positive_int
 
 ALWAYS_FROZEN_KEYS = ("pos_embed", "cls_token", "absolute_pos_embed", "position_embedding")
 
@@ -68,6 +69,7 @@ class _SparseUpdateMethod(Method):
     Subclasses only decide which entries are selected (``select``)."""
 
     defaults = {"gamma": 2, "hierarchical": True, "penalty": 0.0}
+    hp_checks = {"gamma": positive_int}  # gamma = 0 would select nothing: no training at all
 
     def prepare(self, network: nn.Module, ctx: MethodContext) -> nn.Module:
         self.groups = partition(network, bool(self.hp["hierarchical"]))
@@ -200,6 +202,7 @@ class DGSTRandom(_SparseUpdateMethod):
 class DGSTStatic(_SparseUpdateMethod):
     summary = "ablation: DGST freezing, selection fixed once from support-set gradients"
     defaults = {**_SparseUpdateMethod.defaults, "calibration_batches": 4}
+    hp_checks = {**_SparseUpdateMethod.hp_checks, "calibration_batches": positive_int}
 
     def calibration_passes(self) -> int:
         return int(self.hp["calibration_batches"])  # paid for with as many fewer training steps
@@ -234,6 +237,7 @@ class DGSTReleased(Method):
     summary = ("ablation: the released trainer's behaviour (empty masks -> full fine-tuning; "
                "SGD nesterov momentum 0.99, wd 3e-5, lr 1e-3)")
     defaults = {"gamma": 2}
+    hp_checks = _SparseUpdateMethod.hp_checks
     spec_overrides = {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 3e-5}
 
     def prepare(self, network, ctx):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from bench.methods import METHODS
 from bench.methods.base import Method, is_head
+from bench.options import fraction, positive_float, positive_int
 from bench.methods.lora.conv import add_lora, lora_parameter_ids, merged_copy, target_module_names
 
 
@@ -30,6 +31,7 @@ from bench.methods.lora.conv import add_lora, lora_parameter_ids, merged_copy, t
 class LoRA(Method):
     summary = "LoRA (peft) on every backbone conv, heads trained; merged into the convs at export"
     defaults = {"r": 8, "alpha": 16, "dropout": 0.0, "target": "all", "train_heads": True}
+    hp_checks = {"r": positive_int, "alpha": positive_float, "dropout": fraction}
 
     def prepare(self, network, ctx):
         names = target_module_names(network, self.hp["target"])
