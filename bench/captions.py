@@ -53,7 +53,12 @@ def provenance(df: pd.DataFrame, dataset: str) -> List[str]:
                                                                  if shas else "") + ".")
     totals = _values(runs, "total_params")
     if totals:
-        lines.append(f"Network: {', '.join(f'{int(t):,}' for t in totals)} parameters in total.")
+        # the exported network: methods that add modules (adapters, LoRA before merging) export more
+        by_total = runs.groupby("total_params")["method"].unique()
+        base = runs.loc[runs["method"] == "full", "total_params"]
+        base = int(base.iloc[0]) if len(base) else int(min(totals))
+        extra = [f"{int(t):,} for {', '.join(sorted(by_total[t]))}" for t in totals if int(t) != base]
+        lines.append(f"Network: {base:,} parameters" + (f" ({'; '.join(extra)})" if extra else "") + ".")
     else:
         lines.append(f"Network: at least {int(runs.trainable_params.max()):,} parameters (the largest trainable "
                      "count; these results do not record the total).")
