@@ -115,7 +115,9 @@ def test_caption_and_columns_from_recorded_provenance(results):
                         pred_empty=(results.dice < 0.62).astype(int), ref_empty=0)
     df.loc[df.method == "full", ["lr", "optimizer"]] = (1e-3, "sgd")
     lines = provenance(df, "phantom")
-    assert "Network: 346,006 parameters in total." in lines
+    assert "Network: 346,006 parameters." in lines
+    df.loc[df.method == "lora", "total_params"] = 350000.0  # an export with added modules
+    assert "Network: 346,006 parameters (350,000 for lora)." in provenance(df, "phantom")
     assert "Foundation: phantom-v1 (checkpoint sha256 abcdef012345)." in lines
     assert "Learning rate: 0.003; differs for full (0.001)." in lines
     assert "Optimizer: adamw; differs for full (sgd)." in lines
