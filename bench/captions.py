@@ -53,10 +53,9 @@ def provenance(df: pd.DataFrame, dataset: str) -> List[str]:
                                                                  if shas else "") + ".")
     totals = _values(runs, "total_params")
     if totals:
-        # the exported network: methods that add modules (adapters, LoRA before merging) export more
+        # the foundation's network is the smallest export: methods that add modules (adapters) export more
         by_total = runs.groupby("total_params")["method"].unique()
-        base = runs.loc[runs["method"] == "full", "total_params"]
-        base = int(base.iloc[0]) if len(base) else int(min(totals))
+        base = int(min(totals))
         extra = [f"{int(t):,} for {', '.join(sorted(by_total[t]))}" for t in totals if int(t) != base]
         lines.append(f"Network: {base:,} parameters" + (f" ({'; '.join(extra)})" if extra else "") + ".")
     else:
