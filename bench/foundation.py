@@ -51,33 +51,46 @@ class Foundation:
     load_notes: List[str] = field(default_factory=list)  # what loading changed (prefixes stripped)
 
 
-def _find_checkpoint(folder: Path) -> Path:
-    direct = folder / CHECKPOINT
+def _find_checkpoint(path: Path) -> Path:
+    """The checkpoint a foundation path names: the file itself, or the folder's (first fold's)."""
+    if path.is_file():
+        return path
+    direct = path / CHECKPOINT
     if direct.is_file():
         return direct
-    folds = sorted(folder.glob(f"fold_*/{CHECKPOINT}"))
+    folds = sorted(path.glob(f"fold_*/{CHECKPOINT}"))
     if not folds:
-        raise FileNotFoundError(f"{folder}: no {CHECKPOINT} (expected nnU-Net's trained-model folder with "
-                                f"plans.json, dataset.json and fold_0/{CHECKPOINT})")
+        raise FileNotFoundError(f"{path}: no {CHECKPOINT} (expected nnU-Net's trained-model folder with "
+                                f"plans.json, dataset.json and fold_0/{CHECKPOINT}, or a checkpoint file)")
     return folds[0]
 
 
+def foundation_name(path: Path) -> str:
+    """A folder's name; for a checkpoint file, the folder holding it (releases name the folder)."""
+    return path.parent.name if path.is_file() else path.name
+
+
 def load_foundation(folder) -> Foundation:
+    """An nnU-Net trained-model folder (any trainer: the plans say the architecture), or a self-supervised
+    nnssl checkpoint file (``bench.foundation_nnssl``: encoder and stem only)."""
     folder = Path(folder).expanduser().resolve()
     ckpt_path = _find_checkpoint(folder)
+    ckpt = load_checkpoint(ckpt_path)
+    from bench.foundation_nnssl import ADAPTATION_PLAN, nnssl_foundation
+    if ADAPTATION_PLAN in ckpt:
+        return nnssl_foundation(ckpt_path, ckpt, foundation_name(folder))
     for base in (ckpt_path.parent, ckpt_path.parent.parent):
         if (base / "plans.json").is_file() and (base / "dataset.json").is_file():
             break
     else:
         raise FileNotFoundError(f"{folder}: plans.json and dataset.json not found next to {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path)
     if "network_weights" not in ckpt:
         raise ValueError(f"{ckpt_path}: not an nnU-Net checkpoint (no 'network_weights')")
     plans = json.loads((base / "plans.json").read_text())
     configuration = ckpt.get("init_args", {}).get("configuration") or next(iter(plans["configurations"]))
     state, notes = strip_prefixes(ckpt["network_weights"])
     mirror = ckpt.get("inference_allowed_mirroring_axes")
-    return Foundation(name=folder.name, folder=folder, plans=plans,
+    return Foundation(name=foundation_name(folder), folder=folder, plans=plans,
                       dataset_json=json.loads((base / "dataset.json").read_text()),
                       configuration=configuration, state_dict=state,
                       mirror_axes=tuple(mirror) if mirror is not None else None,

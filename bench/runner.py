@@ -87,7 +87,7 @@ class FoundationNotBuilt(RuntimeError):
 def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
     """Name, checkpoint path and sha256 of a spec's foundation; None while the default phantom
     foundation is not built yet (then no run with it can have finished either)."""
-    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir
+    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir, foundation_name
     if foundation:
         folder = Path(foundation).expanduser().resolve()
     else:
@@ -95,7 +95,7 @@ def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
         if folder is None:
             return None
     ckpt = _find_checkpoint(folder)
-    return {"name": folder.name, "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
+    return {"name": foundation_name(folder), "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
 
 
 def run_dir(spec: RunSpec) -> Path:

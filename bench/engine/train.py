@@ -129,9 +129,10 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     updated = method.updates_per_step(net)
     if trainer.load_report:
         rep = trainer.load_report
-        heads = "loaded (label set matches)" if not rep["reinitialised"] else \
-            "re-initialised: " + ", ".join(rep["reinitialised"])
-        log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
+        head_keys = [k for k in rep["reinitialised"] if k not in set(rep.get("fresh", ()))]
+        heads = "loaded (label set matches)" if not head_keys else "re-initialised: " + ", ".join(head_keys)
+        fresh = f"; {len(rep['fresh'])} tensors the checkpoint lacks initialised fresh" if rep.get("fresh") else ""
+        log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}{fresh}")
     t0 = time.perf_counter()
     try:
         with quiet(stdout=False):  # its progress lines are the suite's own

@@ -20,7 +20,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from bench.checkpoint import match_weights
+from bench.checkpoint import is_head, match_weights
 from bench.engine.step import make_optimizer, training_step
 from bench.methods.base import Method, MethodContext
 
@@ -76,9 +76,12 @@ class BenchTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         """nnU-Net calls this right after building the network: the place where the foundation
         weights are loaded and the method decides what is trained."""
+        fresh = []
         if self.init_state is not None:
             self.load_report = load_weights(self.network, self.init_state)
+            fresh = [p for n, p in self.network.named_parameters() if n in set(self.load_report["fresh"])]
         self.network = self.method.prepare(self.network, self.ctx).to(self.device)
+        check_fresh_weights_trained(self.method, fresh)
         optimizer = make_optimizer(self.optimizer_name, self.method.param_groups(self.network),
                                    self.initial_lr, self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
@@ -147,4 +150,15 @@ def load_weights(network: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Di
     own = network.state_dict()
     loaded, reinit = match_weights({k: tuple(v.shape) for k, v in own.items()}, state)
     network.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    return {"loaded": loaded, "reinitialised": reinit}
+    # "fresh": what the checkpoint never held (a self-supervised encoder's missing decoder), heads aside
+    return {"loaded": loaded, "reinitialised": reinit, "fresh": [k for k in reinit if not is_head(k)]}
+
+
+def check_fresh_weights_trained(method, fresh: List[torch.nn.Parameter]) -> None:
+    """Refuse a method that would keep never-trained weights frozen (e.g. linear probing on a
+    self-supervised encoder, whose decoder is random): its result would measure a random decoder."""
+    frozen = sum(1 for p in fresh if not p.requires_grad)
+    if frozen:
+        raise ValueError(f"{method.name} keeps {frozen} of the {len(fresh)} tensors the foundation checkpoint "
+                         "never trained (its decoder) frozen at their random initialisation. Use a method that "
+                         "trains the decoder (full, dgst, decoder, l2sp), or a foundation with a trained decoder.")

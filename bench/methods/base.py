@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tupl
 import torch
 from torch import nn
 
+from bench.checkpoint import is_head  # noqa: F401 - methods import it from here
 from bench.options import OptionError, check_for_default
 
 
@@ -26,9 +27,6 @@ class MethodContext:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def is_head(name: str) -> bool:
-    """nnU-Net's segmentation heads: all deep-supervision outputs live in ``seg_layers``."""
-    return ".seg_layers." in f".{name}"
 
 
 def is_norm(module: nn.Module) -> bool:
