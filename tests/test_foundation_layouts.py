@@ -248,3 +248,38 @@ def test_nnssl_checkpoint_fine_tunes_and_methods_freezing_the_random_decoder_ref
     result = finished_run(bench_home)
     assert result["foundation_load"]["fresh"] > 0
     assert stock_prediction(result["model_dir"]).ndim == 3
+
+
+def test_every_method_prepares_swin_unetr_or_refuses_naming_why():
+    """Methods that select by nnU-Net's encoder/decoder split refuse SwinUNETR clearly; LoRA adapts its
+    attention and MLP Linear layers too, and its merged export computes what the adapted network computes."""
+    from bench.methods import METHODS, get_method
+    from bench.methods.base import MethodContext
+    refused = {}
+    for name in METHODS.names():
+        net = build_network(swin_plans("Swin"), one_label())
+        ctx = MethodContext(foundation_state=net.state_dict(),
+                            extra={"architecture": swin_plans("Swin")["configurations"]["3d_fullres"]["architecture"]})
+        try:
+            get_method(name).prepare(net, ctx)
+        except ValueError as e:
+            refused[name] = str(e)
+    assert set(refused) == {"adapter", "decoder"}, refused
+    assert "SwinUNETRNet" in refused["adapter"] and "encoder/decoder split" in refused["decoder"]
+
+    torch.manual_seed(0)
+    lora = get_method("lora")
+    net = lora.prepare(build_network(swin_plans("Swin"), one_label()), MethodContext(foundation_state={}))
+    assert any(type(m).__name__ == "Linear" and hasattr(m, "lora_A") for m in net.modules())
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    net.eval()
+    x = torch.randn(1, 1, 32, 64, 64)
+    state, _ = lora.export(net)
+    stock = build_network(swin_plans("Swin"), one_label())
+    stock.load_state_dict(state)
+    stock.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x)[0], net(x)[0], atol=1e-4, rtol=1e-4)

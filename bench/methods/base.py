@@ -29,6 +29,16 @@ class MethodContext:
 
 
 
+def encoder_of(network: nn.Module, what: str) -> nn.Module:
+    """The encoder of a U-Net with nnU-Net's encoder/decoder split, or a clear refusal for ``what`` needs it."""
+    if isinstance(getattr(network, "encoder", None), nn.Module) and isinstance(getattr(network, "decoder", None),
+                                                                                nn.Module):
+        return network.encoder
+    raise ValueError(f"{what} needs a network with an encoder/decoder split (nnU-Net's PlainConvUNet, "
+                     f"ResidualEncoderUNet, ...); {type(network).__name__} has none: use a method that does not "
+                     "select by encoder or decoder (e.g. full, dgst, lora with target=all)")
+
+
 def is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
                                nn.modules.instancenorm._InstanceNorm))
