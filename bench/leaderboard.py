@@ -8,7 +8,8 @@ significantly worse than the leader by the crossed t test, Holm-corrected over *
 non-reference methods: the leader is chosen from the data, so only a family that covers every pair
 holds its error rate whichever method leads (``tests/test_calibration.py``). NSD, HD95 and lesion F1
 are means over the same blocks; trainable, changed parameters, train seconds and peak memory are
-means over runs. The caption says what produced the table (``bench.captions.provenance``).
+means over runs. Forgetting and false positives on node-free scans (``bench evaluate``) are means over
+the evaluated runs (``bench.evaluation.summary``), ``—`` where none was. The caption says what produced the table (``bench.captions.provenance``).
 
 Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no timestamps, PNGs without
 software metadata.
@@ -24,6 +25,7 @@ import pandas as pd
 from bench.figures import palette, save_figure  # first: selects the Agg backend
 import matplotlib.pyplot as plt  # noqa: E402
 from bench.captions import provenance  # noqa: E402
+from bench.evaluation import summary as extra_eval  # noqa: E402
 from bench.formatting import fmt, fmt_ci, markdown_table, p_text  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
 from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
@@ -31,7 +33,8 @@ from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, pair
 LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
 COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
            "nsd", "nsd_tol_mm", "hd95", "lesion_f1", "lesion_f1_any", "trainable_params", "updated_per_step", "changed_params", "train_seconds",
-           "peak_memory_mb", "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source"]
+           "peak_memory_mb", "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source",
+           *extra_eval.LEADERBOARD_COLUMNS]
 
 
 def leader_tests(paired, ranked: List[str], alpha: float = ALPHA) -> pd.DataFrame:
@@ -92,7 +95,7 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
         budget = runs.groupby("method")["iterations"].agg(
             lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
         tables.append(t.join(per_case, on="method").join(per_run, on="method").join(listed, on="method")
-                      .join(budget, on="method"))
+                      .join(budget, on="method").join(extra_eval.leaderboard_columns(runs, rows), on="method"))
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
     out = pd.concat(tables, ignore_index=True)[COLUMNS]
@@ -141,7 +144,7 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
              "parameters the method lets the optimizer update; updated per step: entries a step may change (DGST "
              "selects a few per kernel); changed: entries that differ from the foundation after training (what "
              "the method actually updated in total); these, training time and peak memory are means over runs.",
-             ""]
+             "", extra_eval.MARKDOWN_NOTE, ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", ""]
         if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:
@@ -168,7 +171,8 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
             "repeats x cases": [f"{r} x {c}" for r, c in t[["repeats", "cases"]].values],
             "protocol": t.protocol_version,
             "iterations": t.iterations,
-            "hyper-parameters": t.params_source})), ""]
+            "hyper-parameters": t.params_source,
+            **extra_eval.markdown_columns(t)})), ""]
     return "\n".join(lines)
 
 
