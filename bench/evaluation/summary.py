@@ -53,8 +53,14 @@ def leaderboard_columns(runs: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
                        "fp_nodefree_ml": r["nodefree_fp_ml"].dropna().mean() if len(nf) else np.nan,
                        "nodefree_runs": len(nf)}
     table = pd.DataFrame.from_dict(out, orient="index", columns=[c for c in LEADERBOARD_COLUMNS if c != "fp_test"])
-    table["fp_test"] = rows.groupby("method")["lesion_fp"].mean().astype(float)
+    table["fp_test"] = _fp_per_scan(rows).groupby(rows["method"]).mean()
     return table[LEADERBOARD_COLUMNS]
+
+
+def _fp_per_scan(rows: pd.DataFrame) -> pd.Series:
+    """``lesion_fp`` as floats, NaN where unknown (metrics version 1 has no one-to-one counts)."""
+    fp = rows["lesion_fp"] if "lesion_fp" in rows.columns else pd.Series(np.nan, index=rows.index)
+    return pd.to_numeric(fp, errors="coerce").astype(float)
 
 
 def _num(v, digits: int) -> str:
@@ -92,7 +98,7 @@ def per_run(sub: pd.DataFrame) -> pd.DataFrame:
     sub = _runs_with_extra(sub)
     keys = ["method", "shots", "repeat"]
     dice = sub.groupby(keys)["dice"].mean().rename("target_dice")
-    fp = sub.groupby(keys)["lesion_fp"].mean().rename("fp_test")
+    fp = _fp_per_scan(sub).groupby([sub[k] for k in keys]).mean().rename("fp_test")
     extra = sub.drop_duplicates(keys).set_index(keys)[list(RUN_COLUMNS)]
     return pd.concat([dice, fp, extra], axis=1).reset_index()
 
@@ -135,11 +141,11 @@ def report_lines(sub: pd.DataFrame, fig_dir: Path, tables_dir: Path, ds: str) ->
             ax.errorbar(r.forgetting, r.dice, xerr=xerr, yerr=yerr, marker=markers[r.shots], color=colours[r.method],
                         capsize=3, linestyle="none", label=f"{r.method}, {r.shots}-shot")
         ax.axvline(0.0, color="0.6", linewidth=0.8)
-        ax.set(xlabel="forgetting: foundation source Dice - fine-tuned source Dice (95% t CI over repeats)",
-               ylabel="target Dice (95% t CI over repeats)", title=f"{ds}: target Dice versus forgetting")
-        ax.legend(fontsize="x-small", ncol=2, bbox_to_anchor=(1.02, 1), loc="upper left")
-        fig.tight_layout()
-        path = save_figure(fig, fig_dir / f"{ds}_dice_vs_forgetting.png")
+        ax.set(xlabel="forgetting (source Dice: foundation - fine-tuned)", ylabel="target Dice",
+               title=f"{ds}: target Dice versus forgetting (95% t CIs over repeats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+        path = save_figure(fig, fig_dir / f"{ds}_dice_vs_forgetting.png", tight=True)
         lines += [f"![Target Dice versus forgetting, {ds}](figures/{path.name})", ""]
     lines += [markdown_table(pd.DataFrame({
         "method": t.method, "shots": t.shots,
