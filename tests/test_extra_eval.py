@@ -206,3 +206,10 @@ def test_snapshot_without_the_new_columns_stays_readable(tmp_path):
     old.to_csv(path, index=False)
     df = read_snapshot(path)
     assert df["forgetting"].isna().all() and (df["retention_set"] == "none").all()
+
+
+def test_a_bad_retention_set_is_refused_before_training(bench_home, capsys):
+    from bench.cli import main
+    assert main(["run", "--method", "full", "--retention", "lnq2023:case_1"]) == 2
+    assert "bench datasets prepare lnq2023" in capsys.readouterr().err
+    assert not (bench_home / "runs").exists()

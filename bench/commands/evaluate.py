@@ -5,6 +5,13 @@ from bench.commands import add_budget_selection, budget_selection
 from bench.options import comma_list, positive_int
 
 
+def check_retention(args) -> None:
+    """Refuse a bad --retention before anything runs (not once per run, nor after training)."""
+    if getattr(args, "retention", None) and not getattr(args, "no_extra_eval", False):
+        from bench.evaluation.sets import dataset_retention_set
+        dataset_retention_set(args.retention)
+
+
 def add_extra_arguments(p) -> None:
     """``--retention`` / ``--foundation-dir``: shared by run, sweep and evaluate."""
     p.add_argument("--retention", default=None, metavar="DATASET[:CASE,CASE...]",
@@ -38,6 +45,7 @@ def main(args) -> int:
     from bench.evaluation.extra import evaluate_runs, parse_axes, run_folders
     from bench.home import bench_home
     axes = parse_axes(args.extra)
+    check_retention(args)
     root = args.runs_under or bench_home() / "runs"
     folders = run_folders(root, dataset=args.dataset,
                           methods=[m for m in (args.methods or "").split(",") if m] or None,

@@ -76,6 +76,8 @@ def main(args) -> int:
     from bench.quiet import show_third_party
     from bench.runner import run
     hparams = dict(_kv(t) for t in args.hp)
+    from bench.commands.evaluate import check_retention
+    check_retention(args)
     get_method(args.method, **hparams)  # fail fast: unknown names (listing the valid ones), bad values
     if args.verbose:
         show_third_party()

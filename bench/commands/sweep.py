@@ -75,6 +75,8 @@ def main(args) -> int:
     specs = grid(methods, datasets, shots, range(pick("repeats", 5)), iterations=pick("iterations", 60),
                  foundation=pick("foundation", None), device=args.device, **extra)
     trials = pick("tune_trials", 0)
+    from bench.commands.evaluate import check_retention
+    check_retention(args)
     if args.dry_run:
         est = estimate_seconds(specs, trials)
         for s in specs:

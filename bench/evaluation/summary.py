@@ -128,8 +128,7 @@ def report_lines(sub: pd.DataFrame, fig_dir: Path, tables_dir: Path, ds: str) ->
         return []
     t.to_csv(tables_dir / f"{ds}_forgetting_fp.csv", index=False, float_format="%.6g", lineterminator="\n")
     lines = [f"### {ds}: forgetting and false positives", "",
-             "Run-level means over support repeats with 95 % t intervals across them (`bench evaluate`; "
-             f"`{NOT_EVALUATED}`: not evaluated). " + MARKDOWN_NOTE, ""]
+             "Run-level means over support repeats with 95 % t intervals across them. " + MARKDOWN_NOTE, ""]
     f = t[t.forgetting_runs > 0]
     if len(f):
         colours = palette(sorted(t.method.unique()))
