@@ -1,4 +1,4 @@
-"""Leaderboards: ``leaderboards/<dataset>.{md,csv,png}``, generated, never edited by hand.
+"""Leaderboards: ``leaderboards/<dataset>.{md,csv,png,html}``, generated, never edited by hand.
 
 Per dataset and shots, methods are ranked by mean Dice over the paired repeat x case grid, with a 95 %
 crossed t CI (``bench.stats``: both test cases and support draws are random). Reference rows (role
@@ -104,8 +104,12 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
 
 
 def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N_BOOT,
-                       seed: int = 0) -> List[Path]:
-    """Write ``<dataset>.md``, ``.csv`` and ``.png`` for every dataset in ``df``; returns the paths."""
+                       seed: int = 0, reports=None) -> List[Path]:
+    """Write ``<dataset>.md``, ``.csv``, ``.png`` and ``.html`` for every dataset in ``df``; returns the
+    paths. The HTML page embeds the figures of ``<reports>/<dataset>-report/`` (a ``bench report``
+    directory; ``reports`` defaults to ``out_dir``) when there is one."""
+    from bench.leaderboard_html import Figure, report_figures, write_page
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -114,8 +118,14 @@ def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N
         csv = out_dir / f"{dataset}.csv"
         table.to_csv(csv, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
         md = out_dir / f"{dataset}.md"
-        md.write_text(_markdown(table, dataset, provenance(df, dataset)))
-        written += [md, csv, _figure(table, dataset, out_dir / f"{dataset}.png")]
+        caption = provenance(df, dataset)
+        md.write_text(_markdown(table, dataset, caption))
+        png = _figure(table, dataset, out_dir / f"{dataset}.png")
+        figures = [Figure(png, f"Mean Dice with its 95% CI per method and shots, {dataset}", None)]
+        report = Path(reports if reports is not None else out_dir) / f"{dataset}-report"
+        if (report / "report.md").is_file():
+            figures += report_figures(report, dataset)
+        written += [md, csv, png, write_page(table, dataset, caption, figures, out_dir / f"{dataset}.html")]
     return written
 
 
