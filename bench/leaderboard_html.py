@@ -13,9 +13,13 @@ committed page regenerates byte-identically.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import List, NamedTuple, Optional
 
@@ -165,6 +169,49 @@ def _inline(text: str) -> str:
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium chromium-driver
+# No network: without these Chromium tries to reach update, sync and QUIC services.
+_CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage")
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 1400, height: int = 900):
+    """A Selenium driver for the system's headless Chromium with a fresh profile, quit on exit. Needs the
+    ``test`` extra (selenium) and Debian's ``chromium chromium-driver``; never downloads a browser."""
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing: apt-get install chromium chromium-driver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as e:
+        raise ImportError("selenium is not installed: pip install -e '.[test]'") from e
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
+    profile = tempfile.mkdtemp(prefix="lnbench-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in (*_CHROMIUM_ARGS, f"--user-data-dir={profile}", f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(page, png, width: int = 1400, height: int = 1000) -> Path:
+    """Save what a ``width`` x ``height`` window shows of ``page`` (the top: caption, tabs and table)."""
+    with headless_chromium(width, height) as driver:
+        driver.get(Path(page).resolve().as_uri())
+        driver.save_screenshot(str(png))
+    return Path(png)
+
+
 _PAGE = """\
 <!DOCTYPE html>
 <html lang="en">
@@ -180,9 +227,10 @@ _PAGE = """\
 <ul class="caption">
 {caption}
 </ul>
-<p class="legend">{legend}</p>
 <div class="tabs" role="tablist">{tabs}</div>
 {panels}
+<h2>How to read the table</h2>
+<p class="legend">{legend}</p>
 <h2>Figures</h2>
 {figures}
 <script>{script}</script>
@@ -197,7 +245,7 @@ ul.caption { padding-left: 1.2em; }
 .tabs { margin: 1em 0 .5em; }
 .tab { font: inherit; padding: .35em 1em; border: 1px solid #bbb; background: #f6f6f6; cursor: pointer; }
 .tab[aria-selected="true"] { background: #fff; border-bottom-color: #fff; font-weight: 600; }
-.js .panel:not(.active) { display: none; }
+.js .panel:not(.active), .js .panel h2 { display: none; }
 table.board { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 table.board th, table.board td { border-bottom: 1px solid #ddd; padding: .25em .6em; text-align: left;
   white-space: nowrap; }

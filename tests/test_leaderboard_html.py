@@ -4,22 +4,18 @@ The browser tests open the committed ``leaderboards/phantom.html`` and a page fr
 small synthetic results table; they skip (with the reason) only where no Chromium or chromedriver is
 installed (`.ci/run` installs Debian's ``chromium chromium-driver`` when it can).
 """
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bench.leaderboard import DICE_COLUMN, write_leaderboards
-from bench.leaderboard_html import report_figures
+from bench.leaderboard_html import headless_chromium, report_figures
 from bench.results import synthetic_results
 
 ROOT = Path(__file__).resolve().parent.parent / "leaderboards"
 COMMITTED = ROOT / "phantom.html"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 N_BOOT = 200
 # Names of very different lengths (synthetic trainable params = 1000 x (1 + len(name))): "17,000" sorts before
 # "5,000" as text, after it as a number. One name is markup, to check it is escaped, not rendered.
@@ -93,26 +89,11 @@ def test_report_figures_name_a_missing_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(p)]
-    if missing:
-        pytest.skip(f"no browser to drive: {', '.join(missing)} missing (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
-    from selenium.webdriver.chrome.service import Service
-
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never download a driver
-    profile = tempfile.mkdtemp(prefix="lnbench-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1400,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+        with headless_chromium() as driver:
+            yield driver
+    except (FileNotFoundError, ImportError) as e:  # raised before the driver exists, never by a test
+        pytest.skip(f"no browser to drive: {e}")
 
 
 def _panel(driver, shots):
