@@ -107,24 +107,27 @@ def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N
                        seed: int = 0, reports=None) -> List[Path]:
     """Write ``<dataset>.md``, ``.csv``, ``.png`` and ``.html`` for every dataset in ``df``; returns the
     paths. The HTML page embeds the figures of ``<reports>/<dataset>-report/`` (a ``bench report``
-    directory; ``reports`` defaults to ``out_dir``) when there is one."""
-    from bench.leaderboard_html import Figure, report_figures, write_page
+    directory; ``reports`` defaults to ``out_dir``) when there is one; one made from other results is
+    refused before that dataset's files are written."""
+    from bench.leaderboard_html import Figure, check_report, report_figures, write_page
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted(df["dataset"].unique()):
         table = leaderboard_table(df, dataset, n_boot=n_boot, seed=seed)
+        report = Path(reports if reports is not None else out_dir) / f"{dataset}-report"
+        from_report = []
+        if (report / "report.md").is_file():  # its figures go into the page: refused if made from other results
+            check_report(report, table, dataset)
+            from_report = report_figures(report, dataset)
         csv = out_dir / f"{dataset}.csv"
         table.to_csv(csv, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
         md = out_dir / f"{dataset}.md"
         caption = provenance(df, dataset)
         md.write_text(_markdown(table, dataset, caption))
         png = _figure(table, dataset, out_dir / f"{dataset}.png")
-        figures = [Figure(png, f"Mean Dice with its 95% CI per method and shots, {dataset}", None)]
-        report = Path(reports if reports is not None else out_dir) / f"{dataset}-report"
-        if (report / "report.md").is_file():
-            figures += report_figures(report, dataset)
+        figures = [Figure(png, f"Mean Dice with its 95% CI per method and shots, {dataset}", None), *from_report]
         written += [md, csv, png, write_page(table, dataset, caption, figures, out_dir / f"{dataset}.html")]
     return written
 

@@ -65,6 +65,24 @@ def report_figures(report_dir, dataset: str) -> List[Figure]:
     return figures
 
 
+def check_report(report_dir, table: pd.DataFrame, dataset: str) -> None:
+    """Refuse a report made from other results than ``table``: its per-shots summaries
+    (``tables/<dataset>_<shots>shot_summary.csv``) must list the same methods with the same mean Dice."""
+    report_dir = Path(report_dir)
+    fix = (f"regenerate it (bench report --results <the snapshot> --out {report_dir}) or point --reports "
+           "elsewhere")
+    for shots, t in table.groupby("shots", sort=True):
+        summary = report_dir / "tables" / f"{dataset}_{shots}shot_summary.csv"
+        if not summary.is_file():
+            raise ValueError(f"{report_dir} has no {summary.name}: it was not made from these results; {fix}")
+        mean = pd.read_csv(summary).set_index("method")["mean"]
+        ours = t.set_index("method").dice_mean
+        if sorted(mean.index) != sorted(ours.index) or not all(
+                math.isclose(mean[m], ours[m], rel_tol=1e-4, abs_tol=1e-6) for m in ours.index):
+            raise ValueError(f"{summary} disagrees with the leaderboard's {shots}-shot mean Dice: the report "
+                             f"was made from other results; {fix}")
+
+
 def write_page(table: pd.DataFrame, dataset: str, caption: List[str], figures: List[Figure], path) -> Path:
     """Write the page for ``table`` (``leaderboard_table``'s rows of ``dataset``) to ``path``."""
     path = Path(path)

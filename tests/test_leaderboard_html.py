@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from bench.leaderboard import DICE_COLUMN, write_leaderboards
-from bench.leaderboard_html import headless_chromium, report_figures
+from bench.leaderboard_html import check_report, headless_chromium, report_figures
 from bench.results import synthetic_results
 
 ROOT = Path(__file__).resolve().parent.parent / "leaderboards"
@@ -75,6 +75,26 @@ def test_committed_page_is_self_contained_with_the_report_figures():
     assert text.count("<img ") == 1 + len(figures)
     for f in figures:
         assert f"<figcaption>{f.caption}</figcaption>" in text
+
+
+def test_a_report_from_other_results_is_refused(tmp_path):
+    """The page embeds a report's figures only when the report's mean Dice per method and shots are the
+    leaderboard's: a stale report would show other results beside the table."""
+    _, table = _committed()
+    check_report(ROOT / "phantom-report", table, "phantom")  # the committed pair agrees
+    shifted = table.copy()
+    shifted.loc[shifted.index[3], "dice_mean"] += 0.01
+    with pytest.raises(ValueError, match="disagrees with the leaderboard's 1-shot mean Dice.*bench report"):
+        check_report(ROOT / "phantom-report", shifted, "phantom")
+    with pytest.raises(ValueError, match="disagrees"):
+        check_report(ROOT / "phantom-report", table[table.method != "lora"], "phantom")
+    # bench leaderboard checks a report it finds before writing that dataset's files
+    (tmp_path / "phantom-report").mkdir()
+    (tmp_path / "phantom-report" / "report.md").write_text("# lnbench statistics report\n")
+    df = synthetic_results({"dgst": 0.8, "lora": 0.6}, shots=(1,), repeats=2, cases=4)
+    with pytest.raises(ValueError, match="has no phantom_1shot_summary.csv: it was not made from these results"):
+        write_leaderboards(df, tmp_path / "out", n_boot=N_BOOT, reports=tmp_path)
+    assert not list((tmp_path / "out").iterdir())
 
 
 def test_report_figures_name_a_missing_file(tmp_path):
