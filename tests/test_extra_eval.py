@@ -213,3 +213,25 @@ def test_a_bad_retention_set_is_refused_before_training(bench_home, capsys):
     assert main(["run", "--method", "full", "--retention", "lnq2023:case_1"]) == 2
     assert "bench datasets prepare lnq2023" in capsys.readouterr().err
     assert not (bench_home / "runs").exists()
+
+
+def test_listed_node_free_cases_must_have_empty_labels(tmp_path, monkeypatch):
+    """A protocol's node_free case with a node in its label is refused, naming the case and the fix."""
+    import SimpleITK as sitk
+    from bench.engine import predict
+    from bench.evaluation.extra import score_set
+    from bench.evaluation.sets import EvalCase, EvalSet
+    labels = {}
+    for name, value in (("empty", 0), ("node", 1)):
+        arr = np.zeros((4, 6, 6), np.uint8)
+        arr[1, 2, 2] = value
+        labels[name] = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(arr), labels[name])
+    pred = np.zeros((4, 6, 6), np.uint8)
+    pred[0, 0, 0] = pred[3, 5, 5] = 1
+    monkeypatch.setattr(predict, "predict_case", lambda predictor, images: (pred, (2.0, 1.0, 1.0)))
+    ok = EvalSet("nodefree", "mine", "protocol-v1", (EvalCase("empty", ("img",), labels["empty"]),))
+    assert score_set(None, ok) == [{"case_id": "empty", "group": "", "fp_components": 2, "fp_ml": 0.004}]
+    bad = EvalSet("nodefree", "mine", "protocol-v1", (EvalCase("node", ("img",), labels["node"]),))
+    with pytest.raises(ValueError, match="node-free case node .* non-empty label.*node_free"):
+        score_set(None, bad)
