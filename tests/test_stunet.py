@@ -210,27 +210,76 @@ def test_published_widths_map_tensor_for_tensor(size, params):
 
 @pytest.mark.slow
 def test_every_method_fine_tunes_the_converted_stunet_and_stock_nnunet_predicts(tmp_path, bench_home):
-    """--foundation <v1 .model>: 2 iterations of every trained method on the phantom, exported, then loaded
-    by nnU-Net's own predictor from the model folder (its plans name STUNet or the method's architecture)."""
-    import SimpleITK as sitk
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    """--foundation <v1 .model>: every trained method loads the converted weights, takes 2 harness steps
+    (``training_step``, nnU-Net's Dice + CE with deep supervision), exports a model folder, and nnU-Net's own
+    predictor loads that folder (plans naming STUNet or the method's architecture) and predicts with it."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from bench.datasets import get_dataset
-    from bench.methods import METHODS
-    from bench.runner import RunSpec, run
+    from bench.engine.network import build_network
+    from bench.engine.step import make_optimizer, training_step
+    from bench.engine.trainer import load_weights
+    from bench.foundation import load_foundation, save_model_folder
+    from bench.methods import METHODS, get_method
+    from bench.methods.base import MethodContext
 
+    torch.set_num_threads(1)
     path, _ = write_v1(tmp_path)
-    dataset = get_dataset("phantom")
+    f = load_foundation(path)
+    arch = f.plans["configurations"][f.configuration]["architecture"]
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(1, 1, *PATCH, generator=g)
+    target = (torch.rand(1, 1, *PATCH, generator=g) > 0.8).float()
+    image = np.random.default_rng(0).normal(40, 90, (1, 24, 44, 44)).astype(np.float32)
+
     for name in [n for n in METHODS.names() if METHODS.get(n).trains]:
-        result = run(RunSpec(dataset="phantom", method=name, shots=1, iterations=2, eval_every=2,
-                             foundation=str(path), device="cpu"), log=lambda *_: None)
-        model_dir = Path(result["model_dir"])
-        cls = json.loads((model_dir / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
-        assert cls["network_class_name"].startswith("bench.architectures."), (name, cls["network_class_name"])
+        torch.manual_seed(0)
+        net = build_network(f.plans, f.dataset_json, f.configuration)
+        method = get_method(name)
+        init = f.state_dict if method.uses_foundation else None
+        if init is not None:
+            assert not load_weights(net, init)["reinitialised"]
+        net = method.prepare(net, MethodContext(foundation_state=init or {}, extra={"architecture": arch}))
+        optimizer = make_optimizer("sgd", method.param_groups(net), 1e-2, 3e-5)
+        method.on_train_start(_Shell(net, data, target))
+        for step in range(2):
+            training_step(net, method, optimizer, deep_supervision_loss, data, target, step)
+        state, override = method.export(net)
+        plans = json.loads(json.dumps(f.plans))
+        if override:
+            plans["configurations"][f.configuration]["architecture"].update(override)
+        folder = save_model_folder(tmp_path / name, plans, f.dataset_json, f.configuration, state, f.mirror_axes)
         predictor = nnUNetPredictor(device=torch.device("cpu"), use_mirroring=False, allow_tqdm=False)
-        predictor.initialize_from_trained_model_folder(str(model_dir), use_folds=(0,))
-        image = dataset.image_files(dataset.case_ids()[0])
-        data, props = SimpleITKIO().read_images(image)
-        seg = predictor.predict_single_npy_array(data, props)
-        assert seg.shape == sitk.GetArrayFromImage(sitk.ReadImage(image[0])).shape, name
+        predictor.initialize_from_trained_model_folder(str(folder), use_folds=(0,))
+        stock = predictor.network
+        stock.load_state_dict(predictor.list_of_parameters[0])
+        with torch.no_grad():
+            assert torch.allclose(stock.eval()(data), _first(net.eval()(data)), atol=1e-4), name
+        props = {"spacing": SPACING, "sitk_stuff": {"spacing": SPACING[::-1], "origin": (0.0, 0.0, 0.0),
+                                                   "direction": (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)}}
+        seg = predictor.predict_single_npy_array(image, props)
+        assert seg.shape == image.shape[1:], name
+
+
+def _first(out):
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def deep_supervision_loss(outputs, target):
+    """nnU-Net's Dice + CE on every deep-supervision output (target downsampled by nearest neighbour)."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    dice_ce = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                             dice_class=MemoryEfficientSoftDiceLoss)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return sum(dice_ce(o, F.interpolate(target, size=o.shape[2:], mode="nearest")) for o in outputs)
+
+
+class _Shell:
+    """What ``Method.on_train_start`` may use (DGST's calibration): the network, batches, the loss."""
+
+    def __init__(self, network, data, target):
+        self.network, self.batch = network, {"data": data, "target": target}
+        self.dataloader_train = iter(lambda: self.batch, None)
+
+    def loss_on_batch(self, batch):
+        return deep_supervision_loss(self.network(batch["data"]), batch["target"])
