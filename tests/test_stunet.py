@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,12 +50,14 @@ class V1STUNet(nn.Module):
         strides = [1] + [tuple(p) for p in pools]
         widths = [cin] + list(dims)
         self.conv_blocks_context = nn.ModuleList(
-            nn.Sequential(V1Block(widths[d], dims[d], strides[d], True), *[V1Block(dims[d], dims[d]) for _ in range(depth[d] - 1)])
+            nn.Sequential(V1Block(widths[d], dims[d], strides[d], True),
+                          *[V1Block(dims[d], dims[d]) for _ in range(depth[d] - 1)])
             for d in range(len(dims)))
         self.upsample_layers = nn.ModuleList(V1Upsample(dims[-1 - u], dims[-2 - u], tuple(pools[-1 - u]))
                                              for u in range(len(pools)))
         self.conv_blocks_localization = nn.ModuleList(
-            nn.Sequential(V1Block(2 * dims[-2 - u], dims[-2 - u], 1, True), *[V1Block(dims[-2 - u], dims[-2 - u]) for _ in range(depth[-2 - u] - 1)])
+            nn.Sequential(V1Block(2 * dims[-2 - u], dims[-2 - u], 1, True),
+                          *[V1Block(dims[-2 - u], dims[-2 - u]) for _ in range(depth[-2 - u] - 1)])
             for u in range(len(pools)))
         self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], classes, 1) for u in range(len(pools)))
 
