@@ -2,7 +2,9 @@
 
 A foundation folder is nnU-Net's trained-model layout: ``plans.json``,
 ``dataset.json`` and ``fold_<k>/checkpoint_final.pth`` (a folder holding the
-checkpoint next to the json files also works).
+checkpoint next to the json files also works). An nnU-Net v1 STU-Net checkpoint
+(``<name>.model`` with its ``.model.pkl``) is converted to such a folder once
+(``bench.stunet``, cached under ``$BENCH_HOME/foundations/converted``).
 
 The phantom foundation ships with the package (``bench/pretrained/<recipe name>/``:
 weights only, its recipe, the command that rebuilt it and its Dice on held-out
@@ -62,8 +64,16 @@ def _find_checkpoint(folder: Path) -> Path:
     return folds[0]
 
 
+def foundation_folder(path) -> Path:
+    """The model folder a ``--foundation`` path names: the folder itself, or for an nnU-Net v1 STU-Net
+    checkpoint (``<name>.model`` next to ``<name>.model.pkl``) its converted v2 folder (``bench.stunet``)."""
+    from bench.stunet import converted_folder, is_v1_checkpoint
+    path = Path(path).expanduser().resolve()
+    return converted_folder(path) if is_v1_checkpoint(path) else path
+
+
 def load_foundation(folder) -> Foundation:
-    folder = Path(folder).expanduser().resolve()
+    folder = foundation_folder(folder)
     ckpt_path = _find_checkpoint(folder)
     for base in (ckpt_path.parent, ckpt_path.parent.parent):
         if (base / "plans.json").is_file() and (base / "dataset.json").is_file():

@@ -120,6 +120,11 @@ def test_caption_and_columns_from_recorded_provenance(results):
     assert "Network: 346,006 parameters." in lines
     df.loc[df.method == "lora", "total_params"] = 350000.0  # an export with added modules
     assert "Network: 346,006 parameters (350,000 for lora)." in provenance(df, "phantom")
+    smaller = df.copy()
+    smaller.loc[smaller.method == smaller.method.unique()[0], "total_params"] = 6000.0  # e.g. scratch-light
+    first = smaller.method.unique()[0]
+    assert any(line.startswith("Network: 346,006 parameters (") and f"6,000 for {first}" in line
+               for line in provenance(smaller, "phantom")), "the network most methods export comes first"
     assert "Foundation: phantom-v1 (checkpoint sha256 abcdef012345)." in lines
     assert "Learning rate: 0.003; differs for full (0.001)." in lines
     assert "Optimizer: adamw; differs for full (sgd)." in lines
