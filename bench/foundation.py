@@ -2,7 +2,9 @@
 
 A foundation folder is nnU-Net's trained-model layout: ``plans.json``,
 ``dataset.json`` and ``fold_<k>/checkpoint_final.pth`` (a folder holding the
-checkpoint next to the json files also works).
+checkpoint next to the json files also works). An nnU-Net v1 STU-Net checkpoint
+(``<name>.model`` with its ``.model.pkl``) is converted to such a folder once
+(``bench.stunet``, cached under ``$BENCH_HOME/foundations/converted``).
 
 The phantom foundation ships with the package (``bench/pretrained/<recipe name>/``:
 weights only, its recipe, the command that rebuilt it and its Dice on held-out
@@ -70,10 +72,20 @@ def foundation_name(path: Path) -> str:
     return path.parent.name if path.is_file() else path.name
 
 
+def foundation_folder(path) -> Path:
+    """The model path a ``--foundation`` path names: the folder or checkpoint file itself, or for an nnU-Net
+    v1 STU-Net checkpoint (``<name>.model`` next to ``<name>.model.pkl``) its converted v2 folder
+    (``bench.stunet``)."""
+    from bench.stunet import converted_folder, is_v1_checkpoint
+    path = Path(path).expanduser().resolve()
+    return converted_folder(path) if is_v1_checkpoint(path) else path
+
+
 def load_foundation(folder) -> Foundation:
-    """An nnU-Net trained-model folder (any trainer: the plans say the architecture), or a self-supervised
-    nnssl checkpoint file (``bench.foundation_nnssl``: encoder and stem only)."""
-    folder = Path(folder).expanduser().resolve()
+    """An nnU-Net trained-model folder (any trainer: the plans say the architecture), a v1 STU-Net checkpoint
+    (converted once), or a self-supervised nnssl checkpoint file (``bench.foundation_nnssl``: encoder and
+    stem only)."""
+    folder = foundation_folder(folder)
     ckpt_path = _find_checkpoint(folder)
     ckpt = load_checkpoint(ckpt_path)
     from bench.foundation_nnssl import ADAPTATION_PLAN, nnssl_foundation

@@ -87,9 +87,9 @@ class FoundationNotBuilt(RuntimeError):
 def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
     """Name, checkpoint path and sha256 of a spec's foundation; None while the default phantom
     foundation is not built yet (then no run with it can have finished either)."""
-    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir, foundation_name
+    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir, foundation_folder, foundation_name
     if foundation:
-        folder = Path(foundation).expanduser().resolve()
+        folder = foundation_folder(foundation)  # a v1 STU-Net checkpoint: its converted folder
     else:
         folder = existing_phantom_foundation_dir()  # a rebuilt copy in $BENCH_HOME, else the shipped one
         if folder is None:
