@@ -147,7 +147,7 @@ def light_architecture(network: nn.Module, blocks_per_stage: int = 2) -> dict:
     """The plans ``architecture`` entry of a LightUNet with the stages (widths, kernels, strides), conv, norm
     and nonlinearity of ``network``, an nnU-Net U-Net (or any network whose encoder carries nnU-Net's
     attributes: ``output_channels``, ``kernel_sizes``, ``strides``, ``conv_op``, ...)."""
-    enc = getattr(network, "_orig_mod", network).encoder  # torch.compile wraps the module
+    enc = getattr(getattr(network, "_orig_mod", network), "encoder", None)  # torch.compile wraps the module
     missing = [a for a in ("output_channels", "kernel_sizes", "strides") + CLASS_KWARGS if not hasattr(enc, a)]
     if missing:
         raise ValueError(f"scratch-light: the foundation's {type(network).__name__} encoder lacks {missing}; "
