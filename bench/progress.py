@@ -212,14 +212,14 @@ def _live_wanted() -> bool:
 def task(description: str, total: Optional[int], unit: str = "it", *, plain: bool = True,
          hide_nested: bool = False) -> Iterator[Task]:
     """A progress task for the ``with`` block. ``plain=False``: no plain lines (the caller already logs
-    a line per unit); ``hide_nested``: tasks opened inside are transient bars and print no plain lines
-    (a tuning study's per-trial training)."""
+    a line per unit); ``hide_nested``: tasks opened inside print no plain lines (a tuning study's
+    per-trial training). A live bar opened inside another vanishes when done: the outer one sums it up."""
     t = Task(description, total, unit)
     hidden = any(o.hide_nested for o in _open)
     t.hide_nested = hide_nested or hidden
     if not _settings.quiet:
         if _live_wanted():
-            t.sink = _Live(t, _settings.stream, force_terminal=_settings.live is True, transient=hidden)
+            t.sink = _Live(t, _settings.stream, force_terminal=_settings.live is True, transient=bool(_open))
         elif plain and not hidden:
             t.sink = _Plain(_settings.stream)
     _open.append(t)

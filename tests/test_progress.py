@@ -1,5 +1,5 @@
-"""Progress: bounded plain lines off a terminal, live rich bars on one, nothing with --quiet; the
-training loop, tuning trials and sweep cells report through it."""
+"""Progress: bounded plain lines off a terminal, live rich bars on one, nothing with --quiet; tuning
+trials and sweep cells report through it. A real training run's progress lines: tests/test_run_e2e.py."""
 import io
 import re
 import sys
@@ -73,6 +73,23 @@ def test_stopped_task_says_so(clock, capsys):
     assert capsys.readouterr().err == "predicting: 2/30 case (7%)  6.0 s/case  stopped after 0:12\n"
 
 
+def final_screen(text):
+    """What a terminal shows after ``text``: lines, with rich's carriage returns, line erases and
+    cursor-up moves applied and colours dropped."""
+    lines, row = [""], 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", text):
+        if token == "\n":
+            row += 1
+            lines += [""] * (row + 1 - len(lines))
+        elif token in ("\r", "\x1b[2K"):
+            lines[row] = "" if token == "\x1b[2K" else lines[row]
+        elif token == "\x1b[1A":
+            row -= 1
+        elif not token.startswith("\x1b"):
+            lines[row] += token
+    return [line.rstrip() for line in lines if line.strip()]
+
+
 def test_live_bars_on_a_terminal_with_the_suites_lines_above(capsys):
     term = sys.stdout
     screen = FakeTerminal()
@@ -81,16 +98,28 @@ def test_live_bars_on_a_terminal_with_the_suites_lines_above(capsys):
             for i in range(4):
                 print(f"a line of the suite's own {i}")
                 bar.advance(loss=0.5)
-            with progress.task("inner", total=2):   # a second bar while the first is open
-                pass
+                with progress.task("inner", total=2) as inner:   # a second bar while the first is open
+                    inner.advance(2)
     assert sys.stdout is term                       # rich's stdout redirection is undone
     text = screen.getvalue()
     assert "\x1b[" in text and "━" in text          # a rendered, redrawn rich bar
-    assert re.search(r"training\s.*4/4 it\s+loss 0.5", text)
-    assert "inner" in text
-    for i in range(4):
-        assert f"a line of the suite's own {i}\n" in text
+    shown = final_screen(text)
+    assert shown[:4] == [f"a line of the suite's own {i}" for i in range(4)]
+    assert len(shown) == 5 and re.match(r"training ━+ 4/4 it  loss 0.5  [\d.]+ it/s +0:00:0\d$", shown[4])
     assert capsys.readouterr().err == ""            # nothing went to the real stderr
+
+
+def test_verbose_third_party_lines_scroll_above_live_bars(monkeypatch):
+    from bench.quiet import LOGGER, quiet, show_third_party
+    monkeypatch.setattr(LOGGER, "handlers", [])
+    monkeypatch.setattr(LOGGER, "level", LOGGER.level)
+    show_third_party()
+    screen = FakeTerminal()
+    with progress.settings(live=True, stream=screen), progress.task("predicting", total=1, unit="case") as bar:
+        with quiet():
+            print("Using device: cpu")
+        bar.advance()
+    assert "nnU-Net: Using device: cpu\n" in screen.getvalue()   # through the display, not past it
 
 
 def test_terminal_detection(monkeypatch, capsys):
@@ -152,21 +181,3 @@ def test_sweep_cells_eta_from_measured_cell_times(clock):
         clock.now += 20
         assert bar.remaining_seconds == 25            # counts down between cells
         assert bar.fields == {"running": 2, "failed": 1}
-
-
-@pytest.mark.slow
-def test_training_run_reports_iterations(tiny_foundation, bench_home, capsys, monkeypatch):
-    from bench.runner import RunSpec, run
-    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)   # a line per 10% however fast the tiny run is
-    spec = RunSpec(method="full", shots=1, iterations=6, eval_every=3, foundation=str(tiny_foundation),
-                   device="cpu", evaluate_on="tune")
-    run(spec, log=lambda *_: None)
-    err = capsys.readouterr().err
-    assert "\r" not in err
-    training = [line for line in err.splitlines() if line.startswith("training: ")]
-    assert [re.match(r"training: (\d+)/6 it", line).group(1) for line in training] == ["1", "2", "3", "4", "5", "6"]
-    assert all(re.search(r"loss -?\d", line) for line in training)
-    assert all("ETA" in line for line in training[:-1]) and "took" in training[-1]
-    assert "tune pseudo-Dice" in training[-1]
-    assert re.search(r"^preprocessing: \d+/\d+ case", err, re.M)
-    assert re.search(r"^predicting: (\d+)/\1 case \(100%\)", err, re.M)
