@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Text
 
 EVERY_PERCENT = 10      # plain mode: a line per this much progress ...
 MIN_INTERVAL_S = 5.0    # ... but not more often than this (a task done sooner prints its final line only)
-HEARTBEAT_S = 30.0      # ... and at least this often while it advances
+HEARTBEAT_S = 60.0      # ... and at least this often while it advances
 
 clock: Callable[[], float] = time.monotonic  # replaced by tests
 
