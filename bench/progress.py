@@ -122,8 +122,8 @@ class Task:
         count = f"{self.completed}/{self.total if self.total is not None else '?'} {self.unit}"
         if percent and self.total:
             count += f" ({100 * self.completed / self.total:.0f}%)"
-        parts = [count] + [f"{k.replace('_', ' ')} {_format_value(v)}" for k, v in self.fields.items()
-                           if v is not None]
+        parts = [count] + [f"{k.replace('_', ' ')} {_format_value(v)}" for k, v in list(self.fields.items())
+                           if v is not None]  # list(): a live display renders from its own thread
         rate = self.rate
         if rate:
             parts.append(f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{1 / rate:.1f} s/{self.unit}")
@@ -175,21 +175,26 @@ class _Live(_Sink):
 
     def __init__(self, task: Task, stream: Optional[TextIO], force_terminal: bool, transient: bool):
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+        from rich.text import Text
+
+        class Status(ProgressColumn):
+            """Our status, rendered at each refresh: the ETA counts down between updates."""
+            def render(self, rich_task):
+                ours = rich_task.fields["task"]
+                return Text(ours.status(timing=not rich_task.fields["final"]))  # final: the elapsed column
+
         if _Live.progress is None:
             console = Console(file=stream or sys.stderr, force_terminal=True if force_terminal else None)
-            _Live.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24),
-                                      TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(),
-                                      console=console)
+            _Live.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), Status(),
+                                      TimeElapsedColumn(), console=console)
             _Live.progress.start()
         _Live.users += 1
         self.transient = transient
-        self.id = _Live.progress.add_task(task.description, total=task.total, status=task.status())
+        self.id = _Live.progress.add_task(task.description, total=task.total, task=task, final=False)
 
     def show(self, task: Task, final: bool) -> None:
-        # the elapsed column shows the time taken
-        _Live.progress.update(self.id, completed=task.completed, total=task.total,
-                              status=task.status(timing=not final))
+        _Live.progress.update(self.id, completed=task.completed, total=task.total, final=final)
 
     def close(self, task: Task) -> None:
         self.show(task, final=True)
