@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from bench import progress
 from bench.checkpoint import load_checkpoint, match_weights, strip_prefixes
 from bench.home import subdir
 
@@ -205,7 +206,8 @@ def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=pr
     outcome = train_network(dataset=source, plans=plans, dataset_json=dataset_json, configuration="3d_fullres",
                             method=get_method("full"), init_state=None,
                             train_ids=train_ids, val_ids=val_ids, out_dir=tmp / "training",
-                            config=pretraining_config(recipe), seed=recipe.get("seed", 0), device=device, log=log)
+                            config=pretraining_config(recipe), seed=recipe.get("seed", 0), device=device, log=log,
+                            label=f"pretraining {recipe['name']}")
     save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None)
     info = {"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
             "pretrain_ids": train_ids, "val_ids": val_ids, "train_seconds": round(outcome.train_seconds, 1),
@@ -229,7 +231,7 @@ def source_dice(folder: Path, source, case_ids, device: str = "auto") -> Dict[st
     f = load_foundation(folder)
     predictor = make_predictor(f.plans, f.dataset_json, f.configuration, f.state_dict, resolve_device(device))
     out = {}
-    for cid in case_ids:
+    for cid in progress.track(case_ids, "scoring on source cases"):
         seg, spacing = predict_case(predictor, source.image_files(cid))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(source.label_file(cid)))
         out[cid] = round(float(case_metrics(seg > 0, ref > 0, spacing)["dice"]), 6)

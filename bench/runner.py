@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 import bench
+from bench import progress
 from bench.engine.recipe import OPTIMIZERS, Recipe, resolve_recipe
 from bench.engine.train import TrainConfig, resolve_device, train_network
 from bench.home import configure_nnunet_env, subdir
@@ -165,7 +166,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     predictor = make_predictor(export_plans, dataset_json, foundation.configuration, outcome.export_state, dev)
     cases = []
     log(f"predicting {len(eval_ids)} {spec.evaluate_on} case(s) with nnU-Net's predictor")
-    for cid in eval_ids:
+    for cid in progress.track(eval_ids, "predicting"):
         seg, spacing = predict_case(predictor, dataset.image_files(cid))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(dataset.label_file(cid)))
         cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing,

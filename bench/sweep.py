@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+from bench import progress
 from bench.runner import RunSpec, run_dir
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -90,7 +91,7 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
     t0 = time.time()
     log_path = run_dir(spec) / "cell.log"
     try:
-        with open(log_path, "a") as logf:
+        with open(log_path, "a") as logf, progress.to_file(logf):  # not the sweep's terminal
             def log(msg):
                 logf.write(f"{msg}\n")
                 logf.flush()
@@ -277,18 +278,14 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
     submit = {"local": _submit_local, "ray": _submit_ray, "slurm": _submit_slurm}[executor]
     extra = {"slurm": slurm} if executor == "slurm" else {}
     t0 = time.time()
-    done_s = []
     jobs = itertools.chain.from_iterable(submit(w, tracking_uri, workers, tune_trials, **extra) for w in waves if w)
-    for i, out in enumerate(jobs, 1):
-        outcome = CellOutcome(**out)
-        outcomes.append(outcome)
-        done_s.append(outcome.seconds)
-        remaining = len(todo) - i
-        eta = remaining * (sum(done_s) / len(done_s)) / max(workers, 1)
-        failed = sum(o.status == "failed" for o in outcomes)
-        score = f"Dice {outcome.dice_mean:.3f}" if outcome.dice_mean is not None else outcome.error.splitlines()[0]
-        log(f"[{i}/{len(todo)} done, {min(workers, remaining)} running, {failed} failed, "
-            f"ETA {eta / 60:.1f} min] {outcome.key}: {outcome.status} in {outcome.seconds:.0f} s; {score}")
+    with progress.cells(len(todo), workers, sum(estimate.values())) as cells:
+        for out in jobs:
+            outcome = CellOutcome(**out)
+            outcomes.append(outcome)
+            state = cells.finished(outcome.seconds, failed=outcome.status == "failed")
+            score = f"Dice {outcome.dice_mean:.3f}" if outcome.dice_mean is not None else outcome.error.splitlines()[0]
+            log(f"[{state}] {outcome.key}: {outcome.status} in {outcome.seconds:.0f} s; {score}")
     wall = time.time() - t0
     ran = [o for o in outcomes if o.status != "skipped"]
     log(f"sweep finished in {wall:.0f} s wall; {sum(o.seconds for o in ran):.0f} device-seconds in cells "

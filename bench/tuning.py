@@ -89,6 +89,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from bench import progress as progress_bars
 from bench.home import bench_home, subdir
 from bench.tracking import StudyTracker
 
@@ -479,9 +480,10 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
         status = "FINISHED"
         try:
             if n_new:
-                study.optimize(state, n_trials=n_new, catch=(Exception,),
-                               callbacks=[progress, optuna.study.MaxTrialsCallback(
-                                   trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+                with progress_bars.trials(n_new, hide_nested=not verbose) as on_trial:
+                    study.optimize(state, n_trials=n_new, catch=(Exception,),
+                                   callbacks=[progress, on_trial, optuna.study.MaxTrialsCallback(
+                                       trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
             if state.leak is not None:
                 raise state.leak
         except BaseException:

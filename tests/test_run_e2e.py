@@ -12,13 +12,20 @@ from bench.provenance import derive_seed
 from bench.results import load_results
 
 
-def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, capsys):
+def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, capsys, monkeypatch):
+    from bench import progress
+    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)  # progress lines however fast the tiny run is
     rc = main(["run", "--method", "dgst", "--shots", "1", "--iterations", "2", "--eval-every", "2",
                "--foundation", str(tiny_foundation), "--device", "cpu"])
     assert rc == 0
     out, err = capsys.readouterr()
     for chatter in ("Using device", "perform_everything_on_device"):  # nnU-Net's prints: --verbose only
         assert chatter not in out + err
+    # progress (stderr, plain lines off a terminal): each training iteration of the 2, then every test case
+    training = [line for line in err.splitlines() if line.startswith("training: ")]
+    assert [line.split()[1] for line in training] == ["1/2", "2/2"] and "\r" not in err
+    assert "loss" in training[0] and "ETA" in training[0] and "took" in training[1]
+    assert f"predicting: {len(Protocol.load('phantom').test)}/{len(Protocol.load('phantom').test)} case" in err
     test_ids = Protocol.load("phantom").test
     for cid in test_ids:
         assert cid in out  # the per-case table is printed

@@ -17,6 +17,7 @@ import torch
 
 from bench.engine.recipe import Recipe
 from bench.home import configure_nnunet_env
+from bench import progress
 from bench.memory import MemoryMeter
 from bench.quiet import quiet
 
@@ -92,8 +93,9 @@ def stop_data_loaders(trainer) -> None:
 
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
                   out_dir: Path, config: TrainConfig, seed: int, device="auto",
-                  log: Callable = print, epoch_callback=None) -> TrainOutcome:
-    """Preprocess (plan transfer), train with BenchTrainer, export stock weights."""
+                  log: Callable = print, epoch_callback=None, label: str = "training") -> TrainOutcome:
+    """Preprocess (plan transfer), train with BenchTrainer, export stock weights; ``label`` names the
+    training's progress bar."""
     from bench.engine.preprocess import preprocess
     from bench.engine.trainer import BenchTrainer
     from bench.methods.base import MethodContext
@@ -111,7 +113,7 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
                   preprocessed_base=str(base), output_folder=str(out_dir), iterations=config.iterations,
                   eval_every=config.eval_every, lr=config.recipe.lr, weight_decay=config.recipe.weight_decay,
-                  optimizer=config.recipe.optimizer, batch_size=config.batch_size, progress=log)
+                  optimizer=config.recipe.optimizer, batch_size=config.batch_size)
     scores: List[Dict[str, float]] = []
 
     def _on_epoch(epoch, s):
@@ -135,7 +137,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
         log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}{fresh}")
     t0 = time.perf_counter()
     try:
-        with quiet(stdout=False):  # its progress lines are the suite's own
+        # stdout=False: what epoch_callback prints is the suite's own
+        with progress.task(label, total=config.iterations) as trainer.bar, quiet(stdout=False):
             trainer.run_training()
     except BaseException:
         # An exception out of the loop (e.g. optuna.TrialPruned raised by epoch_callback) skips

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from bench import progress
 from bench.evaluation.sets import AXES, EvalSet
 
 EXTRA_FILE = "extra_eval.json"
@@ -116,7 +117,7 @@ def score_set(predictor, s: EvalSet) -> List[dict]:
     from bench.engine.predict import predict_case
     from bench.metrics import case_metrics, nodefree_metrics
     rows = []
-    for case in s.cases:
+    for case in progress.track(s.cases, f"scoring {s.key}"):
         seg, spacing = predict_case(predictor, list(case.images))
         if s.axis == "retention":
             rows.append({"case_id": case.case_id, **case_metrics(seg > 0, _read_label(case.label), spacing,
