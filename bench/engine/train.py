@@ -130,7 +130,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     if trainer.load_report:
         rep = trainer.load_report
         heads = "loaded (label set matches)" if not rep["reinitialised"] else \
-            "re-initialised: " + ", ".join(rep["reinitialised"])
+            "re-initialised (the target's label set differs from the foundation's; one head per label set): " \
+            + ", ".join(rep["reinitialised"])
         log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
     t0 = time.perf_counter()
     try:
