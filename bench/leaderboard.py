@@ -8,7 +8,9 @@ significantly worse than the leader by the crossed t test, Holm-corrected over *
 non-reference methods: the leader is chosen from the data, so only a family that covers every pair
 holds its error rate whichever method leads (``tests/test_calibration.py``). NSD, HD95 and lesion F1
 are means over the same blocks; trainable, changed parameters, train seconds and peak memory are
-means over runs. The caption says what produced the table (``bench.captions.provenance``).
+means over runs. The caption says what produced the table (``bench.captions.provenance``). A multi-label
+task is ranked on the per-case mean Dice over its labels (``bench.stats.mean_over_labels``); columns
+``dice[<label>]`` add each label's mean Dice over the same blocks.
 
 Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no timestamps, PNGs without
 software metadata.
@@ -26,7 +28,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.captions import provenance  # noqa: E402
 from bench.formatting import fmt, fmt_ci, markdown_table, p_text  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
-from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
+from bench.stats import (ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, labels_of, paired_table,  # noqa: E402
+                         summary)
 
 LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
 COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
@@ -91,11 +94,15 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
         listed = runs.groupby("method")[["protocol_version", "params_source"]].agg(lambda v: ",".join(sorted(set(v))))
         budget = runs.groupby("method")["iterations"].agg(
             lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
+        if len(labels_of(rows)) > 1:   # several labels: each one's mean Dice on the same blocks
+            per_label = rows.pivot_table(index="method", columns="label", values="dice", aggfunc="mean")
+            per_case = per_case.join(per_label.rename(columns=lambda c: f"dice[{c}]"))
         tables.append(t.join(per_case, on="method").join(per_run, on="method").join(listed, on="method")
                       .join(budget, on="method"))
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
-    out = pd.concat(tables, ignore_index=True)[COLUMNS]
+    out = pd.concat(tables, ignore_index=True)
+    out = out[COLUMNS + sorted(c for c in out.columns if c.startswith("dice["))]
     for c in ("trainable_params", "updated_per_step", "changed_params"):
         out[c] = out[c].astype(float)
     out["empty_pred"] = out["empty_pred"].astype("Int64")
@@ -142,6 +149,11 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
              "selects a few per kernel); changed: entries that differ from the foundation after training (what "
              "the method actually updated in total); these, training time and peak memory are means over runs.",
              ""]
+    labels = [c[5:-1] for c in table.columns if c.startswith("dice[")]
+    if labels:
+        lines[-1:-1] = [f"Several labels ({', '.join(labels)}): Dice is the per-case mean over them, one block per "
+                        "case (labels are never counted as cases); `Dice <label>` columns give each label's mean "
+                        "over the same blocks (per-label tests: `bench report`).", ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", ""]
         if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:
@@ -153,6 +165,7 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
             "method": t.method,
             "role": t.role,
             "Dice [95% CI]": [fmt_ci(*r) for r in t[["dice_mean", "dice_lo", "dice_hi"]].values],
+            **{f"Dice {c[5:-1]}": t[c].map(fmt) for c in t.columns if c.startswith("dice[")},
             "vs leader": [f"{m} ({p_text(p)})" if m == WORSE else m
                           for m, p in t[["marker", "p_vs_leader_holm"]].values],
             "NSD": t.nsd.map(fmt),
