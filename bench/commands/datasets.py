@@ -36,7 +36,7 @@ def list_datasets(args: argparse.Namespace) -> int:
     for name in DATASETS.names():
         ds = get_dataset(name)
         state = f"prepared, {len(ds.case_ids())} cases" if ds.is_prepared() else "not prepared"
-        print(f"{name:<12} {state:<22} {ds.description}")
+        print(f"{name:<16} {state:<22} {ds.description}")
     return 0
 
 
