@@ -25,6 +25,17 @@ def test_phantom_multi_labels_nodes_glands_and_veins_on_the_phantom_image():
     assert p.data == json.loads(json.dumps(protocol_multi_v1()))
 
 
+def test_a_one_label_foundation_gets_new_heads_for_the_three_label_task(tiny_foundation):
+    from bench.foundation import load_foundation, target_load_report
+    from bench.foundation_info import describe
+    f = load_foundation(tiny_foundation)
+    target = PhantomMulti().dataset_json(24)
+    report = target_load_report(f, target)
+    assert report["reinitialised"] and all(".seg_layers." in k for k in report["reinitialised"])
+    assert not any(".seg_layers." in k for k in report["loaded"])
+    assert "re-initialised (label set differs)" in describe(f, "phantom-multi", target)
+
+
 @pytest.mark.slow
 def test_multi_label_task_through_every_command(bench_home, tiny_foundation, capsys, tmp_path):
     found = str(tiny_foundation)
