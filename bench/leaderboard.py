@@ -153,7 +153,8 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
     if labels:
         lines[-1:-1] = [f"Several labels ({', '.join(labels)}): Dice is the per-case mean over them, one block per "
                         "case (labels are never counted as cases); `Dice <label>` columns give each label's mean "
-                        "over the same blocks (per-label tests: `bench report`); `empty pred` counts (case, label) pairs.", ""]
+                        "over the same blocks (per-label tests: `bench report`); `empty pred` counts (case, label) "
+                        "pairs.", ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", ""]
         if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:

@@ -8,8 +8,8 @@ only test-set results are compared. Each row carries its training budget
 ``default`` or the Optuna study); ``load_results(..., iterations=N)`` keeps one
 budget. A multi-label task (result schema 3) has one row per (test case, label), ``label`` naming it;
 single-label results have ``label`` = ``SINGLE_LABEL``. Statistics pair on the per-case mean over labels
-(``bench.stats``), never on (case, label) rows as if they were cases. Each row also carries its provenance: foundation name and checkpoint
-sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
+(``bench.stats``), never on (case, label) rows as if they were cases. Each row also carries its
+provenance: foundation name and checkpoint sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
 seed, hyper-parameters, code version and git commit, package versions, device.
 A cell is (dataset, method, shots, repeat) of one foundation checkpoint and one
 protocol version (``RUN_KEY``); when several sources hold the same cell, the

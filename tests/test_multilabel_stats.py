@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from bench import stats
-from bench.metrics import INT_METRICS, METRICS, case_metrics, foreground_labels, mean_over_labels, run_summary, score_labels
+from bench.metrics import (INT_METRICS, METRICS, case_metrics, foreground_labels, mean_over_labels, run_summary,
+                           score_labels)
 from bench.results import SINGLE_LABEL, load_results, read_snapshot, synthetic_results, write_snapshot
 
 FAST = dict(n_boot=200, seed=0)
