@@ -77,6 +77,10 @@ class RunSpec:
         key.update({k: v for k, v in asdict(self.recipe()).items() if k != "source"})
         key.update(seed=self.resolved_seed()[0], protocol_version=self.resolved_protocol_version(),
                    foundation_sha256=fid["sha256"], code_version=bench.__version__)
+        from bench.datasets import get_dataset
+        labels = get_dataset(self.dataset).labels
+        if len(labels) > 2:   # a label set chosen at preparation (segrap2023-oars --labels) is part of the cell
+            key["labels"] = labels
         return key
 
     def run_id(self) -> str:

@@ -107,3 +107,12 @@ def test_protocol_shares_segrap2023_cases_and_draws():
     assert p.version == "v1" and p.data == json.loads(json.dumps(protocol_v1()))
     assert (p.test, p.pool, p.data["repeats"]) == (nodes.test, nodes.pool, nodes.data["repeats"])
     assert json.loads(json.dumps(nodes_protocol())) == nodes.data
+
+
+def test_the_label_set_is_part_of_a_cells_identity(tmp_path):
+    from bench.runner import RunSpec
+    src = release_with_organs(tmp_path / "src")
+    get_dataset("segrap2023-oars").prepare(src, labels="GTVnd,Parotid_L")
+    first = RunSpec("full", dataset="segrap2023-oars").run_id()
+    get_dataset("segrap2023-oars").prepare(src, labels="GTVnd,Submandibular_L")
+    assert RunSpec("full", dataset="segrap2023-oars").run_id() != first   # not "already done" by a sweep
