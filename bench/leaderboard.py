@@ -9,7 +9,9 @@ non-reference methods: the leader is chosen from the data, so only a family that
 holds its error rate whichever method leads (``tests/test_calibration.py``). NSD, HD95 and lesion F1
 are means over the same blocks; trainable, changed parameters, train seconds and peak memory are
 means over runs. Forgetting and false positives on node-free scans (``bench evaluate``) are means over
-the evaluated runs (``bench.evaluation.summary``), ``—`` where none was. The caption says what produced the table (``bench.captions.provenance``).
+the evaluated runs (``bench.evaluation.summary``), ``—`` where none was. The caption says what produced the
+table (``bench.captions.provenance``). A multi-label task is ranked on the per-case mean Dice over its labels
+(``bench.stats.mean_over_labels``); columns ``dice[<label>]`` add each label's mean Dice over the same blocks.
 
 Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no timestamps, PNGs without
 software metadata.
@@ -28,7 +30,8 @@ from bench.captions import provenance  # noqa: E402
 from bench.evaluation import summary as extra_eval  # noqa: E402
 from bench.formatting import fmt, fmt_ci, markdown_table, p_text  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
-from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
+from bench.stats import (ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, labels_of, paired_table,  # noqa: E402
+                         summary)
 
 LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
 DICE_COLUMN = "Dice [95% CI]"
@@ -95,11 +98,15 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
         listed = runs.groupby("method")[["protocol_version", "params_source"]].agg(lambda v: ",".join(sorted(set(v))))
         budget = runs.groupby("method")["iterations"].agg(
             lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
+        if len(labels_of(rows)) > 1:   # several labels: each one's mean Dice on the same blocks
+            per_label = rows.pivot_table(index="method", columns="label", values="dice", aggfunc="mean")
+            per_case = per_case.join(per_label.rename(columns=lambda c: f"dice[{c}]"))
         tables.append(t.join(per_case, on="method").join(per_run, on="method").join(listed, on="method")
                       .join(budget, on="method").join(extra_eval.leaderboard_columns(runs, rows), on="method"))
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
-    out = pd.concat(tables, ignore_index=True)[COLUMNS]
+    out = pd.concat(tables, ignore_index=True)
+    out = out[COLUMNS + sorted(c for c in out.columns if c.startswith("dice["))]
     for c in ("trainable_params", "updated_per_step", "changed_params"):
         out[c] = out[c].astype(float)
     out["empty_pred"] = out["empty_pred"].astype("Int64")
@@ -159,7 +166,16 @@ def legend(table: pd.DataFrame) -> str:
             "parameters the method lets the optimizer update; updated per step: entries a step may change (DGST "
             "selects a few per kernel); changed: entries that differ from the foundation after training (what "
             "the method actually updated in total); these, training time and peak memory are means over runs. "
-            + extra_eval.MARKDOWN_NOTE)
+            + extra_eval.MARKDOWN_NOTE + _labels_legend(table))
+
+
+def _labels_legend(table: pd.DataFrame) -> str:
+    labels = [c[5:-1] for c in table.columns if c.startswith("dice[")]
+    if not labels:
+        return ""
+    return (f" Several labels ({', '.join(labels)}): Dice is the per-case mean over them, one block per case "
+            "(labels are never counted as cases); `Dice <label>` columns give each label's mean over the same "
+            "blocks (per-label tests: `bench report`); `empty pred` counts (case, label) pairs.")
 
 
 def shots_note(t: pd.DataFrame) -> Optional[str]:
@@ -178,6 +194,7 @@ def shown_columns(t: pd.DataFrame) -> pd.DataFrame:
         "method": t.method,
         "role": t.role,
         DICE_COLUMN: [fmt_ci(*r) for r in t[["dice_mean", "dice_lo", "dice_hi"]].values],
+        **{f"Dice {c[5:-1]}": t[c].map(fmt) for c in t.columns if c.startswith("dice[")},
         "vs leader": [f"{m} ({p_text(p)})" if m == WORSE else m
                       for m, p in t[["marker", "p_vs_leader_holm"]].values],
         "NSD": t.nsd.map(fmt),

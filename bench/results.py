@@ -6,8 +6,10 @@ Results evaluated on the tuning split (``"evaluated": "tune"``) are skipped:
 only test-set results are compared. Each row carries its training budget
 (``iterations``) and where its hyper-parameters came from (``params_source``:
 ``default`` or the Optuna study); ``load_results(..., iterations=N)`` keeps one
-budget. Each row also carries its provenance: foundation name and checkpoint
-sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
+budget. A multi-label task (result schema 3) has one row per (test case, label), ``label`` naming it;
+single-label results have ``label`` = ``SINGLE_LABEL``. Statistics pair on the per-case mean over labels
+(``bench.stats``), never on (case, label) rows as if they were cases. Each row also carries its
+provenance: foundation name and checkpoint sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
 seed, hyper-parameters, code version and git commit, package versions, device.
 A cell is (dataset, method, shots, repeat) of one foundation checkpoint and one
 protocol version (``RUN_KEY``); when several sources hold the same cell, the
@@ -38,17 +40,18 @@ import pandas as pd
 from bench.evaluation.extra import NOT_EVALUATED, RUN_COLUMNS as EXTRA_COLUMNS, SET_COLUMNS, run_columns
 from bench.metrics import INT_METRICS, METRICS, upgrade_v1
 
-SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSIONS = (1, 2, 3)   # 3: several labels (bench.runner.MULTI_LABEL_SCHEMA_VERSION)
 CELL = ["dataset", "method", "shots", "repeat"]
 RUN_KEY = CELL + ["foundation_sha256", "protocol_version"]   # what "the same cell" means for newest-wins
-KEY = CELL + ["case_id"]
+KEY = CELL + ["case_id", "label"]
+SINGLE_LABEL = "foreground"   # the label of single-label results (they record none)
 PROVENANCE_COLUMNS = ["foundation", "foundation_sha256", "optimizer", "lr", "weight_decay", "batch_size",
                       "patch_size", "seed", "hparams", "updated_per_step", "code_version", "git_commit",
                       "packages", "device_name"]
 COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", *METRICS,
                  "total_params", "trainable_params", "changed_params", "train_seconds", "peak_memory_mb",
                  "device", *PROVENANCE_COLUMNS, *SET_COLUMNS, *EXTRA_COLUMNS]
-STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "params_source", "device",
+STRING_COLUMNS = ["dataset", "method", "case_id", "label", "run_id", "protocol_version", "params_source", "device",
                   "foundation", "foundation_sha256", "optimizer", "patch_size", "hparams", "code_version",
                   "git_commit", "packages", "device_name", *SET_COLUMNS]
 INT_COLUMNS = ["shots", "repeat"]
@@ -57,7 +60,7 @@ COUNT_COLUMNS = ["iterations", "total_params", "trainable_params", "changed_para
                  *INT_METRICS]
 UNKNOWN = "unknown"
 # Columns that older snapshots lack, with the value they are read as.
-LATER_COLUMNS = {"iterations": "nan", "total_params": "nan", "params_source": UNKNOWN,
+LATER_COLUMNS = {"label": SINGLE_LABEL, "iterations": "nan", "total_params": "nan", "params_source": UNKNOWN,
                  **{c: UNKNOWN if c in STRING_COLUMNS else "nan" for c in PROVENANCE_COLUMNS},
                  # per-run extra evaluations (bench.evaluation; `bench evaluate`): missing = not evaluated
                  **{c: NOT_EVALUATED for c in SET_COLUMNS}, **{c: "nan" for c in EXTRA_COLUMNS}}
@@ -159,7 +162,8 @@ def _read_result(file: Path):
                "device": cost.get("device", spec.get("device")), **_provenance_columns(res),
                **run_columns(file.parent)}
         version_1 = res.get("metrics_version", 1) == 1
-        rows = [{**run, "case_id": c["case_id"], **(upgrade_v1(c) if version_1 else {m: c[m] for m in METRICS})}
+        rows = [{**run, "case_id": c["case_id"], "label": c.get("label", SINGLE_LABEL),
+                 **(upgrade_v1(c) if version_1 else {m: c[m] for m in METRICS})}
                 for c in res["cases"]]
     except KeyError as e:
         raise ValueError(f"{file}: result is missing the field {e}") from None
@@ -250,6 +254,7 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
             for c, d in enumerate(dice):
                 rows.append({
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
+                    "label": SINGLE_LABEL,
                     "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
                     "params_source": "default", "dice": d, "hd95": 20 * (1 - d),
                     "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "nsd_voxel": min(1.0, d + 0.1),

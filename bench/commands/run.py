@@ -107,11 +107,20 @@ def print_result(result: dict) -> None:
     spec = result["spec"]
     print(f"\n{spec['method']} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
           f"(protocol {spec['protocol_version']}), {result['evaluated']} cases:")
-    print(f"{'case':<14}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
+    labels = result.get("labels", [])      # several labels: a row per (case, label), means per label
+    width = max([14] + [len(name) + 2 for name in labels])
+    label_head = f"{'label':<{width}}" if labels else ""
+    print(f"{'case':<14}{label_head}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
     for c in result["cases"]:
-        print(f"{c['case_id']:<14}{c['dice']:>8.3f}{c['hd95']:>10.2f}{c['nsd']:>8.3f}{c['lesion_f1']:>11.3f}")
+        name = f"{c['label']:<{width}}" if labels else ""
+        print(f"{c['case_id']:<14}{name}{c['dice']:>8.3f}{c['hd95']:>10.2f}{c['nsd']:>8.3f}{c['lesion_f1']:>11.3f}")
     s = result["summary"]
-    print(f"{'mean':<14}{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
+    for name in labels:
+        k = f"label.{name}."
+        print(f"{'mean':<14}{name:<{width}}{s[k + 'dice_mean']:>8.3f}{s[k + 'hd95_mean']:>10.2f}"
+              f"{s[k + 'nsd_mean']:>8.3f}{s[k + 'lesion_f1_mean']:>11.3f}")
+    head = f"{'mean':<14}" + (f"{'(over labels)':<{width}}" if labels else "")
+    print(head + f"{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
     p, c = result["params"], result["cost"]
     updated = "" if p.get("updated_per_step") is None else f"; updated per step {p['updated_per_step']:,}"
     print(f"trainable {p['trainable']:,} of {p['total']:,} parameters{updated}; changed {p['changed']:,}; "

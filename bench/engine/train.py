@@ -131,9 +131,12 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     updated = method.updates_per_step(net)
     if trainer.load_report:
         rep = trainer.load_report
-        head_keys = [k for k in rep["reinitialised"] if k not in set(rep.get("fresh", ()))]
-        heads = "loaded (label set matches)" if not head_keys else "re-initialised: " + ", ".join(head_keys)
-        fresh = f"; {len(rep['fresh'])} tensors the checkpoint lacks initialised fresh" if rep.get("fresh") else ""
+        fresh_keys = set(rep.get("fresh", ()))
+        head_keys = [k for k in rep["reinitialised"] if k not in fresh_keys]
+        heads = "loaded (label set matches)" if not head_keys else \
+            "re-initialised (the target's label set differs from the foundation's; one head per label set): " \
+            + ", ".join(head_keys)
+        fresh = f"; {len(fresh_keys)} tensors the checkpoint lacks initialised fresh" if fresh_keys else ""
         log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}{fresh}")
     t0 = time.perf_counter()
     try:
