@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from bench.home import bench_home, default_tracking_uri
+from bench.rdb import is_database_url, schema_lock
 
 EXPERIMENT = "lnbench"
+
+
+_READY: set = set()   # tracking URIs whose store and experiment this process has set up
 
 
 def _mlflow(tracking_uri: Optional[str]):
@@ -28,13 +32,20 @@ def _mlflow(tracking_uri: Optional[str]):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None and uri.startswith("sqlite:"):
-        # with a local store, keep artefacts in $BENCH_HOME too (MLflow's default is ./mlruns of the cwd)
-        try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(bench_home() / "mlartifacts").as_uri())
-        except Exception:  # created concurrently by another process
-            pass
-    mlflow.set_experiment(EXPERIMENT)
+    if uri in _READY:
+        mlflow.set_experiment(EXPERIMENT)
+        return mlflow
+    # MLflow creates its tables on first use: one process at a time on a shared database server
+    with schema_lock(uri, "mlflow-schema"):
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None and is_database_url(uri):
+            # a database store, not a server: keep artefacts in $BENCH_HOME too (MLflow's default is
+            # ./mlruns of the current directory, a different one for every worker)
+            try:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=(bench_home() / "mlartifacts").as_uri())
+            except Exception:  # created concurrently by another process
+                pass
+        mlflow.set_experiment(EXPERIMENT)
+    _READY.add(uri)
     return mlflow
 
 
