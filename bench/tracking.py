@@ -20,6 +20,7 @@ from bench.home import bench_home, default_tracking_uri
 from bench.rdb import is_database_url, schema_lock
 
 EXPERIMENT = "lnbench"
+PARENT_TAG = "mlflow.parentRunId"   # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID: what nests a run in the UI
 
 
 _READY: set = set()   # tracking URIs whose store and experiment this process has set up
@@ -153,9 +154,8 @@ class StudyTracker:
         self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def start_trial(self, number: int, study_name: str, params: Dict[str, Any]) -> str:
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
         run = self.client.create_run(self.exp_id, run_name=f"{study_name}-trial{number}", tags={
-            **self.base_tags, MLFLOW_PARENT_RUN_ID: self.study_run, "kind": "trial",
+            **self.base_tags, PARENT_TAG: self.study_run, "kind": "trial",
             "optuna.study": study_name, "optuna.trial": str(number), "state": "RUNNING"})
         self._log_params(run.info.run_id, {**params, "trial": number})
         return run.info.run_id
@@ -167,6 +167,21 @@ class StudyTracker:
         if error:
             self.client.set_tag(run_id, "error", error[:4000])
         self.client.set_terminated(run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+
+    def close_orphan_trials(self, study_name: str, finished: Dict[int, tuple]) -> int:
+        """End the trial runs left RUNNING by a killed worker once the study has finished their trial
+        (``fail_dead_trials``, Optuna's heartbeat): ``finished`` maps trial number -> (state, error)."""
+        running = self.client.search_runs(
+            [self.exp_id], f"tags.kind = 'trial' and tags.`optuna.study` = '{study_name}' and tags.state = 'RUNNING'",
+            max_results=10000)
+        n = 0
+        for r in running:
+            number = int(r.data.tags.get("optuna.trial", -1))
+            if number in finished and r.data.tags.get(PARENT_TAG) == self.study_run:
+                state, error = finished[number]
+                self.end_trial(r.info.run_id, state, error=error or "")
+                n += 1
+        return n
 
     def end_study(self, summary: dict, tuned_file: Optional[Path], status: str = "FINISHED") -> None:
         counts = summary["trials"]

@@ -443,6 +443,8 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
                            params={k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in budget.items()},
                            tags={"method": method, "dataset": dataset, "shots": shots,
                                  "budget.trials": trials, "params_source": "tuning"})
+        tracker.close_orphan_trials(name, {t.number: (t.state.name, t.user_attrs.get("error", ""))
+                                           for t in probe.get_trials(deepcopy=False) if t.state.is_finished()})
         state = _Study(method=method, dataset=dataset, shots=shots, repeats=repeats, protocol=protocol, name=name,
                        trials=trials,
                        source=source, iterations=iterations, tune_iterations=tune_iterations, tracker=tracker,

@@ -23,6 +23,7 @@ WORKERS = 4
 BUDGET = 8          # trials: two per worker
 STUDY = "pg-shared"
 METHOD = "full"
+HOLD_S = 1.0       # seconds per trial: long enough to be caught mid-trial
 
 
 def _pg_bin() -> Path:
@@ -109,9 +110,110 @@ def postgres():
         server.stop()
 
 
-def _tune_worker(storage: str, tracking_uri: str, foundation: str, trials: int) -> None:
+def _objective(trial, specs) -> float:
+    """Stands in for fine-tuning + scoring (the real one costs ~40 s per trial on a busy 2-core machine,
+    too much for 4 processes): what is under test is the suite's study bookkeeping and tracking."""
+    import math
+    assert all(s.evaluate_on == "tune" for s in specs)
+    time.sleep(HOLD_S)
+    return 1.0 - abs(math.log10(specs[0].lr) + 2.5)
+
+
+def _tune(storage: str, tracking_uri: str) -> dict:
+    from bench import tuning
+    return tuning.tune(METHOD, shots=1, trials=BUDGET, repeats=[0], iterations=2, device="cpu", storage=storage,
+                       study_name=STUDY, tracking_uri=tracking_uri, objective=_objective, log=lambda *a: None)
+
+
+def _tune_worker(storage: str, tracking_uri: str) -> None:
     import torch
     torch.set_num_threads(1)
+    _tune(storage, tracking_uri)
+
+
+def _victim(storage, tracking_uri, workers):
+    """The first worker seen mid-trial: its trial RUNNING in the study and its MLflow trial run created.
+    Returns (process, trial number)."""
+    import mlflow
+    import optuna
     from bench import tuning
-    tuning.tune(METHOD, shots=1, trials=trials, repeats=[0], iterations=2, eval_every=2, foundation=foundation,
-                device="cpu", storage=storage, study_name=STUDY, tracking_uri=tracking_uri, log=lambda *a: None)
+    from optuna.trial import TrialState
+    rdb = tuning.open_storage(storage).storage
+    client = mlflow.MlflowClient(tracking_uri)
+    by_pid = {w.pid: w for w in workers}
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            running = optuna.load_study(study_name=STUDY, storage=rdb).get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,))
+        except KeyError:  # no worker has created the study yet
+            running = []
+        for t in running:
+            pid = (t.user_attrs.get("worker") or {}).get("pid")
+            if pid in by_pid and "spec" in t.user_attrs and client.search_runs(
+                    client.get_experiment_by_name("lnbench").experiment_id,
+                    f"tags.`optuna.study` = '{STUDY}' and tags.`optuna.trial` = '{t.number}'"):
+                return by_pid[pid], t.number
+        if not any(w.is_alive() for w in workers):
+            break
+        time.sleep(0.05)
+    pytest.fail("no worker was seen in the middle of a trial")
+
+
+@pytest.mark.slow
+def test_four_workers_one_killed_mid_trial_lose_and_duplicate_nothing(postgres, bench_home):
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+    from bench import tuning
+
+    storage, tracking_uri = postgres.create_database("optuna"), postgres.create_database("mlflow")
+    t0 = time.time()
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_tune_worker, args=(storage, tracking_uri)) for _ in range(WORKERS)]
+    try:
+        for w in workers:    # a fresh database: the workers also race to create Optuna's and MLflow's tables
+            w.start()
+        victim, killed = _victim(storage, tracking_uri, workers)
+        os.kill(victim.pid, signal.SIGKILL)
+        for w in workers:
+            w.join(timeout=300)
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.kill()
+    assert {w.pid: w.exitcode for w in workers} == {w.pid: -signal.SIGKILL if w is victim else 0 for w in workers}
+    wall = time.time() - t0
+
+    study = optuna.load_study(study_name=STUDY, storage=tuning.open_storage(storage).storage)
+    assert study.trials[killed].state == TrialState.RUNNING          # nobody has noticed yet
+    # the survivors counted the dead worker's trial against the budget and stopped
+    assert sum(tuning.uses_budget(t, running=True) for t in study.trials) == BUDGET
+
+    out = _tune(storage, tracking_uri)                               # the study continues
+    trials = optuna.load_study(study_name=STUDY, storage=tuning.open_storage(storage).storage).trials
+    assert [t.number for t in trials] == list(range(len(trials)))
+    dead = trials[killed]
+    assert dead.state == TrialState.FAIL and f"worker process {victim.pid}" in dead.user_attrs["error"]
+    counted = [t for t in trials if not t.user_attrs.get("surplus")]
+    complete = [t for t in counted if t.state == TrialState.COMPLETE]
+    assert len(complete) == BUDGET and [t.number for t in counted if t not in complete] == [killed]
+    assert out["trials"]["complete"] == BUDGET and out["trials"]["fail"] == 1
+    assert len({t.user_attrs["worker"]["pid"] for t in counted}) >= 3   # the work was shared
+
+    # MLflow: one study run, one trial run per trial that trained, each ending as its trial did
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["lnbench"], filter_string=f"tags.`optuna.study` = '{STUDY}'")
+    study_runs = runs[runs["tags.kind"] == "study"]
+    trial_runs = runs[runs["tags.kind"] == "trial"]
+    assert len(study_runs) == 1, f"{len(study_runs)} study runs for one study"
+    assert sorted(map(int, trial_runs["tags.optuna.trial"])) == [t.number for t in counted]
+    assert set(trial_runs["tags.mlflow.parentRunId"]) == set(study_runs["run_id"])
+    state = dict(zip(map(int, trial_runs["tags.optuna.trial"]), zip(trial_runs["tags.state"], trial_runs["status"])))
+    assert state[killed] == ("FAIL", "FAILED")
+    assert all(state[t.number] == ("COMPLETE", "FINISHED") for t in complete)
+    assert study_runs.iloc[0]["metrics.trials_complete"] == BUDGET
+    print(f"\n{WORKERS} workers, budget {BUDGET}: {len(trials)} trials recorded ({len(complete)} complete, 1 killed "
+          f"-> FAIL, {len(trials) - len(counted)} surplus), {len(trial_runs)} MLflow trial runs for "
+          f"{len(counted)} trials that ran, {len(study_runs)} study run; workers {wall:.1f} s, "
+          f"total {time.time() - t0:.1f} s")
