@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from bench.registry import UnknownNameError
     try:
         return int(args.func(args) or 0)
-    except (UnknownNameError, DatasetError, ProtocolError, FileNotFoundError, ValueError) as e:
+    except (UnknownNameError, DatasetError, ProtocolError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from bench.home import bench_home, default_tracking_uri
-from bench.rdb import is_database_url, schema_lock
+from bench.locks import is_database_url, lock
 
 EXPERIMENT = "lnbench"
 PARENT_TAG = "mlflow.parentRunId"   # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID: what nests a run in the UI
@@ -36,8 +36,10 @@ def _mlflow(tracking_uri: Optional[str]):
     if uri in _READY:
         mlflow.set_experiment(EXPERIMENT)
         return mlflow
-    # MLflow creates its tables on first use: one process at a time on a shared database server
-    with schema_lock(uri, "mlflow-schema"):
+    if is_database_url(uri):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (seconds to import: not inside the lock)
+    # MLflow creates its tables on first use: one process at a time (bench/locks.py)
+    with lock(uri, "mlflow-schema"):
         if mlflow.get_experiment_by_name(EXPERIMENT) is None and is_database_url(uri):
             # a database store, not a server: keep artefacts in $BENCH_HOME too (MLflow's default is
             # ./mlruns of the current directory, a different one for every worker)
@@ -130,24 +132,27 @@ class StudyTracker:
     the runner's own fluent ``mlflow.start_run(parent_run_id=...)`` is unaffected."""
 
     def __init__(self, tracking_uri: Optional[str], study_name: str, storage_label: str,
-                 params: Dict[str, Any], tags: Dict[str, str]):
+                 params: Dict[str, Any], tags: Dict[str, str], lock_target: Optional[str] = None):
+        """``lock_target``: the study's storage (RDB URL or journal path). Workers that join a study
+        together find-or-create its run under a lock there (bench/locks.py), else each would create one."""
         mlflow = _mlflow(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient()
         self.exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
         self.base_tags = {k: str(v) for k, v in tags.items()}
-        existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
-                                                        order_by=["attributes.start_time DESC"], max_results=1000)
-                    if r.data.tags.get("optuna.study") == study_name
-                    and r.data.tags.get("optuna.storage") == storage_label]
-        if existing:
-            self.study_run = existing[0].info.run_id
-            self.client.update_run(self.study_run, status="RUNNING")
-        else:
-            run = self.client.create_run(self.exp_id, run_name=study_name, tags={
-                **self.base_tags, "kind": "study", "optuna.study": study_name, "optuna.storage": storage_label})
-            self.study_run = run.info.run_id
-            self._log_params(self.study_run, params)
+        with lock(lock_target, f"study-run:{study_name}"):
+            existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
+                                                            order_by=["attributes.start_time DESC"], max_results=1000)
+                        if r.data.tags.get("optuna.study") == study_name
+                        and r.data.tags.get("optuna.storage") == storage_label]
+            if existing:
+                self.study_run = existing[0].info.run_id
+                self.client.update_run(self.study_run, status="RUNNING")
+            else:
+                run = self.client.create_run(self.exp_id, run_name=study_name, tags={
+                    **self.base_tags, "kind": "study", "optuna.study": study_name, "optuna.storage": storage_label})
+                self.study_run = run.info.run_id
+                self._log_params(self.study_run, params)
 
     def _log_params(self, run_id: str, params: Dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -217,3 +217,9 @@ def test_four_workers_one_killed_mid_trial_lose_and_duplicate_nothing(postgres, 
           f"-> FAIL, {len(trials) - len(counted)} surplus), {len(trial_runs)} MLflow trial runs for "
           f"{len(counted)} trials that ran, {len(study_runs)} study run; workers {wall:.1f} s, "
           f"total {time.time() - t0:.1f} s")
+
+
+def test_postgres_advisory_lock_excludes(postgres):
+    from test_locks import max_inside
+    url = postgres.create_database("locks")
+    assert max_inside(url) == 1
