@@ -108,6 +108,7 @@ def log_result(result: dict, out_dir: Path, tracking_uri: Optional[str] = None,
     prov = result.get("provenance")
     if prov:  # what `mlflow ui` filters on: which checkpoint, protocol, seed and commit produced this run
         tags.update({"foundation": prov["foundation"]["name"], "foundation.sha256": prov["foundation"]["sha256"],
+                     "protocol": f"{prov['protocol']['dataset']}@{prov['protocol']['version']}",
                      "protocol_version": prov["protocol"]["version"], "seed": str(prov["seed"]["value"]),
                      "optimizer": prov["recipe"]["optimizer"], "git_commit": str(prov["code"]["git_commit"])})
     with mlflow.start_run(run_name=name, tags=tags, nested=parent_run_id is not None,
