@@ -82,6 +82,13 @@ volume can have. Lesion rules with a zero denominator: precision is 1 if there
 are no reference lesions and no predicted components, else 0; recall likewise.
 The counts are exact: an empty prediction has FN = the number of reference
 lesions, an empty reference FP = the number of predicted components.
+
+Node-free scans (``nodefree_metrics``; scans with no node to find, scored
+apart from the test set, ``bench/evaluation``): every predicted 26-connected
+component is a false positive. ``fp_components`` counts them, ``fp_ml`` is the
+predicted volume in ml; an empty prediction scores 0 and 0, never NaN. These
+are ``lesion_fp`` and ``vol_pred_ml`` of ``case_metrics`` against an empty
+reference, without the distance and overlap columns that mean nothing there.
 """
 from __future__ import annotations
 
@@ -189,6 +196,21 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     out["vol_pred_ml"] = n_pred * voxel_ml
     out["vol_ref_ml"] = n_ref * voxel_ml
     return {k: out[k] for k in METRICS}
+
+
+NODEFREE_METRICS = ("fp_components", "fp_ml")
+
+
+def nodefree_metrics(pred: np.ndarray, spacing: Sequence[float]) -> dict:
+    """False positives of a prediction on a scan with nothing to find (module docstring)."""
+    pred = np.asarray(pred) != 0
+    spacing = tuple(float(s) for s in spacing)
+    if pred.ndim != 3 or len(spacing) != 3 or not min(spacing) > 0:
+        raise ValueError(f"expected a 3D prediction and three positive spacings (mm), got shape {pred.shape} "
+                         f"and spacing {spacing}")
+    comp = lesion_components(pred, np.zeros_like(pred))
+    return {"fp_components": comp.n_pred,
+            "fp_ml": int(pred.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000.0}
 
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray,

@@ -4,7 +4,9 @@ For every dataset and shots it runs ``bench.stats.analyse`` on Dice and writes
 the tables (Markdown in the report, CSV under ``tables/``) and figures (PNG
 under ``figures/``): Dice per method (box + points), Dice versus shots with
 crossed t CIs (reference rows dashed), the Nemenyi critical-difference diagram
-and a heatmap of Holm-corrected pairwise crossed t p-values. The paper's claim
+and a heatmap of Holm-corrected pairwise crossed t p-values. Runs evaluated by
+``bench evaluate`` add target Dice versus forgetting and a false-positive
+table per dataset (``bench.evaluation.summary``). The paper's claim
 is Holm-corrected across every (dataset x shots) check of the report. Each
 dataset's section opens with what produced its results (``provenance``). Same
 input, same files: seeds are fixed, no timestamps, and PNGs carry no software
@@ -25,6 +27,7 @@ import seaborn as sns  # noqa: E402
 
 from bench.captions import is_synthetic, provenance  # noqa: E402
 from bench.formatting import fmt, fmt_ci, fmt_p, markdown_table, p_text  # noqa: E402
+from bench.evaluation.summary import report_lines as extra_report_lines  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
 
 from bench.stats import ALPHA, CLAIM_MARGIN, N_BOOT, REFERENCE, Analysis, analyse, claim_family  # noqa: E402
@@ -75,6 +78,7 @@ def write_report(df: pd.DataFrame, out_dir, dataset: Optional[str] = None, refer
         for shots, a in analyses[ds].items():
             lines += _section(a, out_dir, reference)
             metrics.update(_key_numbers(a))
+        lines += extra_report_lines(sub, out_dir / "figures", out_dir / "tables", ds)  # only if evaluated
     report = out_dir / "report.md"
     report.write_text("\n".join(lines).rstrip() + "\n")
     if tracking:

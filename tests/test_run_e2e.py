@@ -25,6 +25,9 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
 
     results = list((bench_home / "runs").rglob("result.json"))
     assert len(results) == 1
+    # forgetting and node-free false positives by default (bench/evaluation; --no-extra-eval skips them)
+    assert "extra evaluation: source Dice" in out and "FP/node-free scan" in out
+    assert (results[0].parent / "extra_eval.json").is_file()
     result = json.loads(results[0].read_text())
     assert result["schema_version"] == 2
     assert [c["case_id"] for c in result["cases"]] == test_ids

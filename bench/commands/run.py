@@ -56,6 +56,10 @@ def register(sub) -> None:
                    help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
     p.add_argument("--params", default="default",
                    help="'default', or 'tuned' to use the best parameters found by `bench tune`")
+    from bench.commands.evaluate import add_extra_arguments
+    add_extra_arguments(p)
+    p.add_argument("--no-extra-eval", action="store_true",
+                   help="skip forgetting and node-free false positives after the run (`bench evaluate` adds them)")
     p.set_defaults(func=main)
 
 
@@ -72,6 +76,8 @@ def main(args) -> int:
     from bench.quiet import show_third_party
     from bench.runner import run
     hparams = dict(_kv(t) for t in args.hp)
+    from bench.commands.evaluate import check_retention
+    check_retention(args)
     get_method(args.method, **hparams)  # fail fast: unknown names (listing the valid ones), bad values
     if args.verbose:
         show_third_party()
@@ -88,6 +94,12 @@ def main(args) -> int:
         raise ValueError("--params takes 'default' or 'tuned'")
     result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)
     print_result(result)
+    if not args.no_extra_eval:
+        from bench.evaluation.extra import describe, evaluate_run
+        from pathlib import Path
+        out = evaluate_run(Path(result["model_dir"]).parent, retention=args.retention, device=args.device)
+        print(f"extra evaluation: {describe(out.get('sets', {}))}" + (f"; not evaluated: {out['why']}"
+                                                                       if out.get("why") else ""))
     return 0
 
 
