@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     try:
         with progress.settings(quiet=args.quiet):
             return int(args.func(args) or 0)
-    except (UnknownNameError, DatasetError, ProtocolError, FileNotFoundError, ValueError) as e:
+    except (UnknownNameError, DatasetError, ProtocolError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

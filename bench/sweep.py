@@ -189,13 +189,27 @@ def _start_ray(address: Optional[str], workers: int) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # "local": without it ray.init() silently joins a cluster `ray start` left on this machine
-        ray.init(address=address or "local", num_cpus=None if address else workers,
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith(("BENCH_", "nnUNet_"))}})
+        try:
+            ray.init(address=address or "local", num_cpus=None if address else workers,
+                     include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                               if k.startswith(("BENCH_", "nnUNet_"))}})
+        except ConnectionError as e:
+            raise ConnectionError(f"{e}{_ray_auth_hint(address)}") from e
     gcs, cpus = ray.get_runtime_context().gcs_address, int(ray.cluster_resources().get("CPU", 0))
     where = f"the Ray cluster at {gcs}" if address else f"a private local Ray instance ({gcs})"
     return f"{where} ({len(ray.nodes())} node(s), {cpus} CPU(s))"
+
+
+def _ray_auth_hint(address: Optional[str]) -> str:
+    """Recent Ray releases start clusters with token authentication when the head finds a token
+    (~/.ray/auth_token), but a driver given an explicit address sends its token only with RAY_AUTH_MODE=token:
+    the head then answers InvalidAuthToken and ray.init reports only a failed connection."""
+    if not address or address == "auto" or os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    return ("; if the cluster uses token authentication (`ray start` enables it when the head has "
+            "~/.ray/auth_token), set RAY_AUTH_MODE=token and give this machine the cluster's token: "
+            "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head prints it)")
 
 
 def _check_slurm(slurm: Optional[dict]) -> None:

@@ -76,6 +76,12 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     run = runs.iloc[0]
     assert run["params.method"] == "dgst" and run["params.shots"] == "1"
     assert run["tags.foundation.sha256"] == prov["foundation"]["sha256"]
+    # what `mlflow ui` filters cells on: every cell run carries these tags
+    assert {k: run[f"tags.{k}"] for k in ("kind", "dataset", "method", "shots", "repeat", "foundation", "protocol",
+                                          "params_source")} == {
+        "kind": "cell", "dataset": "phantom", "method": "dgst", "shots": "1", "repeat": "0",
+        "foundation": tiny_foundation.name, "protocol": f"phantom@{Protocol.load('phantom').version}",
+        "params_source": "default"}
     assert run["params.provenance.seed.value"] == str(prov["seed"]["value"])
     assert run["params.provenance.recipe.optimizer"] == "adamw"
     assert abs(run["metrics.dice_mean"] - result["summary"]["dice_mean"]) < 1e-9
