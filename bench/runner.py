@@ -37,11 +37,12 @@ class RunSpec:
     shots: int = 3
     repeat: int = 0
     seed: Optional[int] = None           # None: derived from the protocol and the repeat (provenance.derive_seed)
-    iterations: int = 60                 # forward/backward passes, a method's calibration passes included
+    iterations: Optional[int] = None     # forward/backward passes, a method's calibration passes included;
+                                         # None: the dataset's budget (Dataset.default_iterations)
     lr: Optional[float] = None           # None (lr, optimizer, weight_decay): the method's recipe, else the
     optimizer: Optional[str] = None      # harness default (bench.engine.recipe)
     weight_decay: Optional[float] = None
-    eval_every: int = 10
+    eval_every: Optional[int] = None     # None: the dataset's (Dataset.default_eval_every)
     batch_size: Optional[int] = None     # None: the plans' batch size
     hparams: Dict[str, Any] = field(default_factory=dict)
     foundation: Optional[str] = None     # None: the phantom foundation (built on first use)
@@ -49,6 +50,13 @@ class RunSpec:
     device: str = "auto"
     evaluate_on: str = "test"            # "tune" for hyper-parameter search: test cases never touched
     params_source: str = "default"       # "default" or the Optuna study that produced hparams
+
+    def __post_init__(self):
+        if self.iterations is None or self.eval_every is None:
+            from bench.datasets import DATASETS
+            ds = DATASETS.get(self.dataset)
+            self.iterations = ds.default_iterations if self.iterations is None else self.iterations
+            self.eval_every = ds.default_eval_every if self.eval_every is None else self.eval_every
 
     def recipe(self) -> Recipe:
         from bench.methods import METHODS

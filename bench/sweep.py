@@ -31,8 +31,6 @@ from bench import progress
 from bench.runner import RunSpec, run_dir
 
 EXECUTORS = ("local", "ray", "slurm")
-DEFAULT_STEP_SECONDS = 0.45   # CPU, phantom foundation (measured on 2 cores); used when nothing was measured
-CELL_OVERHEAD_SECONDS = 20.0  # preprocessing, prediction of the test cases, tracking
 
 
 @dataclass
@@ -112,26 +110,21 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
                                   error=f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
 
 
-def estimate_seconds(specs: Iterable[RunSpec], tune_trials: int = 0) -> Dict[str, float]:
-    """Dry-run cost: iterations x measured median step time per method (from earlier results), else default.
-    With tuning, the first cell of each study also pays for the study: trials x its repeats runs."""
+def estimate_seconds(specs: Iterable[RunSpec], tune_trials: int = 0, device: Optional[str] = None) -> Dict[str, float]:
+    """Cost per cell from measured step times (``bench.cost``); cells without one are left out."""
+    from bench.cost import cell_costs
     from bench.tuning import DEFAULT_REPEATS
-    from bench.home import bench_home
-    measured: Dict[str, List[float]] = {}
-    for path in (bench_home() / "runs").rglob("result.json"):
-        r = json.loads(path.read_text())
-        if r.get("cost", {}).get("step_seconds_median"):
-            measured.setdefault(r["spec"]["method"], []).append(r["cost"]["step_seconds_median"])
-    out, studies = {}, set()
-    for s in specs:
-        step = sorted(measured[s.method])[len(measured[s.method]) // 2] if s.method in measured \
-            else DEFAULT_STEP_SECONDS
-        one = s.iterations * step + CELL_OVERHEAD_SECONDS
-        tuning = tune_trials * DEFAULT_REPEATS * one if tune_trials and (s.method, s.dataset, s.shots) not in studies \
-            else 0.0
-        studies.add((s.method, s.dataset, s.shots))
-        out[cell_key(s)] = one + tuning
-    return out
+    specs = list(specs)
+    device = device or device_type(specs)
+    return {c.key: c.seconds for c in cell_costs(specs, tune_trials, DEFAULT_REPEATS, device) if c.seconds is not None}
+
+
+def device_type(specs: List[RunSpec]) -> str:
+    """The device type the cells will train on ("auto": CUDA where torch sees it)."""
+    asked = {s.device for s in specs} - {"auto"}
+    if asked:
+        return sorted(asked)[0]
+    return "cuda" if _gpu_count() else "cpu"
 
 
 def _gpu_count() -> int:

@@ -26,10 +26,12 @@ def add_run_arguments(p) -> None:
     p.add_argument("--foundation", default=None,
                    help="nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
                         "default: the phantom foundation, built on first use")
-    p.add_argument("--iterations", type=positive_int, default=60,
-                   help="training iterations (same budget for all methods)")
-    p.add_argument("--eval-every", type=positive_int, default=10,
-                   help="iterations between tuning-set pseudo-Dice checks")
+    p.add_argument("--iterations", type=positive_int, default=None,
+                   help="training iterations, the same for every method of a table (default: the dataset's "
+                        "budget: phantom 60; segrap2023 / lnq2023 12,500 = LN-Seg-FM's 50 epochs x 250)")
+    p.add_argument("--eval-every", type=positive_int, default=None,
+                   help="iterations between tuning-set pseudo-Dice checks (default: the dataset's: phantom 10, "
+                        "real releases 250, one nnU-Net epoch)")
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help="default: the method's recipe (dgst-released: nnU-Net's SGD), else adamw")
     p.add_argument("--weight-decay", type=nonneg_float, default=None,

@@ -35,7 +35,8 @@ def register(sub) -> None:
                    help="comma list (default 1,3,5)")
     p.add_argument("--repeats", type=CHECKS["repeats"], default=None, help="repeats 0..N-1 per cell (default 5)")
     p.add_argument("--iterations", type=CHECKS["iterations"], default=None,
-                   help="training iterations per cell (default 60)")
+                   help="training iterations per cell (default: each dataset's budget, e.g. phantom 60, "
+                        "segrap2023 / lnq2023 12,500)")
     p.add_argument("--tune-trials", type=CHECKS["tune_trials"], default=None,
                    help="tune each cell first with this many trials")
     p.add_argument("--executor", choices=["local", "ray", "slurm"], default=None,
@@ -49,7 +50,10 @@ def register(sub) -> None:
     p.add_argument("--foundation", default=None)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
-    p.add_argument("--dry-run", action="store_true", help="list cells and estimate their cost; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list cells and their cost from measured step times; run nothing. With --paper: the "
+                        "paper-scale grid (every method x segrap2023, lnq2023 x 1/3/5 shots x 5 repeats, tuned)")
+    p.add_argument("--paper", action="store_true", help="with --dry-run: cost of the paper-scale grid")
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--tracking-uri", default=None)
     from bench.commands.evaluate import add_extra_arguments
@@ -62,7 +66,7 @@ def register(sub) -> None:
 def main(args) -> int:
     from bench.methods import resolve_methods
     from bench.datasets import DATASETS
-    from bench.sweep import cell_key, estimate_seconds, grid, is_done, sweep
+    from bench.sweep import grid, sweep
 
     cfg = _checked_file(args.file) if args.file else {}
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else cfg.get(name, default)
@@ -72,18 +76,13 @@ def main(args) -> int:
     for d in datasets:
         DATASETS.get(d)
     extra = {k: cfg[k] for k in ("seed", "eval_every") if k in cfg}  # sweep-file only
-    specs = grid(methods, datasets, shots, range(pick("repeats", 5)), iterations=pick("iterations", 60),
+    specs = grid(methods, datasets, shots, range(pick("repeats", 5)), iterations=pick("iterations", None),
                  foundation=pick("foundation", None), device=args.device, **extra)
     trials = pick("tune_trials", 0)
     from bench.commands.evaluate import check_retention
     check_retention(args)
     if args.dry_run:
-        est = estimate_seconds(specs, trials)
-        for s in specs:
-            print(f"{cell_key(s):<40} {'done' if is_done(s, trials) else 'todo':<5} ~{est[cell_key(s)]:.0f} s")
-        todo = sum(v for s in specs if not is_done(s, trials) for k, v in est.items() if k == cell_key(s))
-        print(f"{len(specs)} cells; remaining cost ~{todo / 3600:.2f} device-hours")
-        return 0
+        return dry_run(paper_grid(), PAPER_TRIALS) if args.paper else dry_run(specs, trials)
     slurm = {"slurm_partition": args.slurm_partition} if args.slurm_partition else None
     outcomes = sweep(specs, executor=pick("executor", "local"), workers=pick("workers", 1), force=args.force,
                      tracking_uri=args.tracking_uri, tune_trials=trials, slurm=slurm, ray_address=args.ray_address)
@@ -94,3 +93,28 @@ def main(args) -> int:
         folders = [run_dir(f) for f in finals if f is not None and (run_dir(f) / "result.json").is_file()]
         evaluate_runs(folders, retention=args.retention, device=args.device)
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+PAPER_TRIALS = 20  # bench tune's default study size
+
+
+def dry_run(specs, trials: int) -> int:
+    """Each cell's cost (``bench.cost``: measured step times only), what is done, and the totals."""
+    from bench.cost import cell_costs, describe
+    from bench.sweep import cell_key, device_type, is_done
+    from bench.tuning import DEFAULT_REPEATS
+    device = device_type(specs)
+    costs = cell_costs(specs, trials, DEFAULT_REPEATS, device)
+    for s, c in zip(specs, costs):
+        cost = f"~{c.seconds:.0f} s" if c.seconds is not None else "unknown"
+        print(f"{cell_key(s):<40} {'done' if is_done(s, trials) else 'todo':<5} {cost}")
+    for line in describe(costs, specs, trials, device):
+        print(line)
+    return 0
+
+
+def paper_grid():
+    """Every registered method x the real datasets x 1/3/5 shots x 5 repeats at the datasets' budgets."""
+    from bench.methods import METHODS
+    from bench.sweep import grid
+    return grid(METHODS.names(), ["segrap2023", "lnq2023"], [1, 3, 5], range(5), device="cuda")

@@ -21,6 +21,11 @@ from bench.metrics import DEFAULT_NSD_TOLERANCE_MM
 COMPLETE_MARKER = ".complete"
 
 
+# Real releases: LN-Seg-FM's released fine-tuning recipe, 50 epochs x 250 iterations (nnU-Net's epoch), with
+# nnU-Net's pseudo-Dice once per epoch.
+REAL_DATA_ITERATIONS, REAL_DATA_EVAL_EVERY = 50 * 250, 250
+
+
 class DatasetError(ValueError):
     """Bad input: the message names the file, what is wrong and what to do."""
 
@@ -37,6 +42,10 @@ class Dataset:
     # challenge states, so numbers compare with published ones; the generic value
     # where it states none. ``nsd_voxel`` adds a voxel-sized tolerance per case.
     nsd_tolerance_mm: ClassVar[float] = DEFAULT_NSD_TOLERANCE_MM
+    # The default fine-tuning budget, the same for every method of a table (``RunSpec`` fills it in; patch
+    # and batch come from the foundation's plans): forward/backward passes, and the pseudo-Dice interval.
+    default_iterations: ClassVar[int] = 60
+    default_eval_every: ClassVar[int] = 10
 
     def raw_dir(self) -> Path:
         return subdir("nnunet", "raw") / self.folder_name

@@ -31,7 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from bench.datasets import DATASETS
-from bench.datasets.base import DatasetError
+from bench.datasets.base import REAL_DATA_EVAL_EVERY, REAL_DATA_ITERATIONS, DatasetError
 from bench.datasets.checks import (REGRID_HINT, CaseSource, Geometry, ReleaseDataset, as_image, check_finite,
                                    describe_differences, duplicate_error, label_values, read_nrrd,
                                    resample_nearest, walk, warn, warn_download_copies)
@@ -57,6 +57,7 @@ class LNQ2023(ReleaseDataset):
     # pixels off counts, and well below the radius of an enlarged node (short axis
     # >= 10 mm), so a boundary within it still outlines the node.
     nsd_tolerance_mm = 2.0
+    default_iterations, default_eval_every = REAL_DATA_ITERATIONS, REAL_DATA_EVAL_EVERY
     layout = "lnq2023-{train|val|test}-NNNN-ct.nrrd and lnq2023-{train|val|test}-NNNN-seg.nrrd, in any sub-folders"
 
     def discover(self, source: Path, include_partial_train: bool = False, **_) -> Dict[str, CaseSource]:

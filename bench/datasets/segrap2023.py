@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from bench.datasets import DATASETS
-from bench.datasets.base import DatasetError
+from bench.datasets.base import REAL_DATA_EVAL_EVERY, REAL_DATA_ITERATIONS, DatasetError
 from bench.datasets.checks import (CaseSource, Geometry, ReleaseDataset, check_finite_image, check_same_grid,
                                    duplicate_error, label_values, read_image, require_3d, walk, warn,
                                    warn_download_copies)
@@ -55,6 +55,7 @@ class SegRap2023(ReleaseDataset):
     # scores GTVnd NSD at 1 mm; kept so that ``nsd`` compares with the published numbers.
     # It is below the ~3 mm slice spacing: ``nsd_voxel`` is the voxel-sized reading.
     nsd_tolerance_mm = 1.0
+    default_iterations, default_eval_every = REAL_DATA_ITERATIONS, REAL_DATA_EVAL_EVERY
     layout = ("SegRap2023_Training_Set_120cases/segrap_XXXX/{image,image_contrast,GTVnd}.nii.gz, optionally "
               "SegRap2023_Training_Set_120cases_OneHot_Labels/Task002/segrap_XXXX.nii.gz, or "
               "imagesTr/segrap_XXXX_0000.nii.gz + labelsTr/segrap_XXXX.nii.gz (one-hot: 1 GTVp, 2 GTVnd)")
