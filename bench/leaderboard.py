@@ -122,6 +122,10 @@ def _count(v) -> str:
     return "n/a" if pd.isna(v) else f"{v:,.0f}"
 
 
+AUGMENTED_TEXT = (", `augmented` (`<method>+<augmentation>`, e.g. `dgst+synth`: the method trained with "
+                  "`--augment`, the same budget and support cases; paired with the plain rows on the same blocks). ")
+
+
 def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
     tolerances = sorted(set(table.nsd_tol_mm.dropna()))
     nsd_at = f"at {', '.join(f'{t:g}' for t in tolerances)} mm" if tolerances else "(tolerance not recorded)"
@@ -134,7 +138,8 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
              f"among the non-reference methods; `{WORSE}`: significantly worse than the leader (crossed t test, "
              f"Holm-corrected over all pairs of non-reference methods, p < {ALPHA}); `{REFERENCE_ROW}`: a bound on "
              "the task (zero-shot, oracle), never the leader nor tested. Role: `proposed` (DGST), `ablation` "
-             "(DGST's variants), `baseline` (the existing methods the claim is about), `control` (from scratch). "
+             "(DGST's variants), `baseline` (the existing methods the claim is about), `control` (from scratch)"
+             + (AUGMENTED_TEXT if (table.role == "augmented").any() else ". ") +
              f"NSD {nsd_at}, HD95 in mm and lesion F1 (one-to-one matching; `any`: the any-overlap rule) are "
              "means over the same blocks; "
              "`empty pred`: blocks whose prediction was empty (scored by the empty-mask rules). Trainable: "

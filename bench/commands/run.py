@@ -56,6 +56,9 @@ def register(sub) -> None:
                    help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
     p.add_argument("--params", default="default",
                    help="'default', or 'tuned' to use the best parameters found by `bench tune`")
+    p.add_argument("--augment", default=None, metavar="NAME",
+                   help="training-data augmentation, e.g. synth-nodes (synthetic nodes from the support set's own; "
+                        "docs/augment.md); its own row in tables: METHOD+synth")
     p.set_defaults(func=main)
 
 
@@ -73,9 +76,12 @@ def main(args) -> int:
     from bench.runner import run
     hparams = dict(_kv(t) for t in args.hp)
     get_method(args.method, **hparams)  # fail fast: unknown names (listing the valid ones), bad values
+    if args.augment is not None:
+        from bench.augment import get_augmentation
+        get_augmentation(args.augment)
     if args.verbose:
         show_third_party()
-    overrides = {"hparams": hparams, "lr": args.lr}
+    overrides = {"hparams": hparams, "lr": args.lr, "augment": args.augment}
     if args.params == "tuned":
         from bench.tuning import load_tuned
         tuned = load_tuned(args.method, args.dataset, args.shots)
@@ -93,7 +99,7 @@ def main(args) -> int:
 
 def print_result(result: dict) -> None:
     spec = result["spec"]
-    print(f"\n{spec['method']} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
+    print(f"\n{spec['method']}{' with ' + spec['augment'] if spec.get('augment') else ''} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
           f"(protocol {spec['protocol_version']}), {result['evaluated']} cases:")
     print(f"{'case':<14}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
     for c in result["cases"]:
