@@ -60,6 +60,17 @@ MAX_INTENSITY_SAMPLES = 20_000
 _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity, as the lesion metrics use
 
 
+def _smoothed_noise_sd(sigma: float) -> float:
+    """SD of unit white noise after ``gaussian_filter(sigma)``: the kernel's L2 norm. Dividing by it, rather than
+    by a box's own SD (which the box's edges inflate), makes the node's interior standard normal."""
+    delta = np.zeros((2 * int(4 * sigma + 0.5) + 3,) * 3)
+    delta[(len(delta) // 2,) * 3] = 1.0
+    return float(np.sqrt((gaussian_filter(delta, sigma) ** 2).sum()))
+
+
+_TEXTURE_SD = _smoothed_noise_sd(TEXTURE_SIGMA)
+
+
 @dataclass(frozen=True)
 class NodeStatistics:
     """What insertion draws from: the support nodes' sizes and intensities, and the soft-tissue window."""
@@ -199,8 +210,8 @@ def insert_nodes(image: np.ndarray, seg: np.ndarray, stats: NodeStatistics, rng:
                 break
         else:
             continue
-        z = gaussian_filter(rng.standard_normal(d.shape), TEXTURE_SIGMA)
-        node = stats.quantile(ndtr((z - z.mean()) / max(z.std(), 1e-8))).astype(image.dtype)
+        z = gaussian_filter(rng.standard_normal(d.shape), TEXTURE_SIGMA) / _TEXTURE_SD  # N(0, 1) at every voxel
+        node = stats.quantile(ndtr(z)).astype(image.dtype)
         image[(slice(None), *box)] = alpha * node + (1 - alpha) * image[(slice(None), *box)]
         label_box = seg[box]
         label_box[d <= 0] = stats.labels[donor]
