@@ -248,3 +248,14 @@ def test_run_with_augment_end_to_end(bench_home, tiny_foundation, capsys):
     runs = mlflow.search_runs(experiment_names=["lnbench"])
     assert sorted(runs["tags.augment"]) == ["none", "synth-nodes"]
     assert sorted(runs["tags.row"]) == ["dgst", "dgst+synth"]
+
+
+def test_report_pairs_each_augmented_row_with_its_plain_method(tmp_path):
+    from bench.report import write_report
+    from bench.results import synthetic_results
+    df = synthetic_results({"dgst": 0.70, "dgst+synth": 0.76, "full": 0.65}, shots=(3,), repeats=3, cases=6)
+    md = write_report(df, tmp_path, n_boot=50).read_text()
+    section = md.split("**Augmentation**")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| dgst")]
+    assert len(rows) == 1 and rows[0].startswith("| dgst+synth | dgst |")
+    assert (tmp_path / "tables" / "phantom_3shot_augmentation.csv").is_file()

@@ -6,7 +6,7 @@ between a (method, augmentation) pair and that label; sweep files use the label 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from bench.augment.base import Augmentation, Normalisation, SupportCase
 from bench.registry import Registry
@@ -43,5 +43,11 @@ def split_row_label(label: str) -> Tuple[str, Optional[str]]:
     raise ValueError(f"{label!r}: unknown augmentation suffix {SEPARATOR}{suffix}; valid: {valid}")
 
 
-__all__ = ["AUGMENTATIONS", "Augmentation", "Normalisation", "SupportCase", "get_augmentation", "row_label",
+def augmented_pairs(rows) -> List[Tuple[str, str]]:
+    """(augmented row, its plain method) for every augmented row of ``rows`` whose plain method is there too."""
+    rows = list(rows)
+    return [(r, split_row_label(r)[0]) for r in rows if SEPARATOR in r and split_row_label(r)[0] in rows]
+
+
+__all__ = ["augmented_pairs", "AUGMENTATIONS", "Augmentation", "Normalisation", "SupportCase", "get_augmentation", "row_label",
            "split_row_label"]
