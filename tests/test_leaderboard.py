@@ -19,7 +19,7 @@ def results():
 def test_regeneration_is_byte_identical(results, tmp_path):
     first = write_leaderboards(results, tmp_path / "a", n_boot=N_BOOT)
     second = write_leaderboards(results, tmp_path / "b", n_boot=N_BOOT)
-    assert [p.name for p in first] == ["phantom.md", "phantom.csv", "phantom.png"]
+    assert [p.name for p in first] == ["phantom.md", "phantom.csv", "phantom.png", "phantom.html"]
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a.name
     png = first[2].read_bytes()
@@ -99,8 +99,10 @@ def test_committed_leaderboards_regenerate_without_diff(tmp_path):
     snapshot = root / "results.csv"
     if not snapshot.is_file():
         pytest.skip("no committed results snapshot")
-    assert main(["leaderboard", "--from-snapshot", "--snapshot", str(snapshot), "--out", str(tmp_path)]) == 0
-    produced = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".png"))
+    assert main(["leaderboard", "--from-snapshot", "--snapshot", str(snapshot), "--out", str(tmp_path),
+                 "--reports", str(root)]) == 0  # the page embeds the committed report's figures
+    produced = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".png", ".html"))
+    assert "phantom.html" in produced
     assert produced
     for name in produced:
         assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), f"{name} differs from the committed file"
