@@ -154,7 +154,8 @@ def _read_result(file: Path):
         run = {"dataset": spec["dataset"], "method": row_label(spec["method"], augment), "shots": spec["shots"],
                "repeat": spec["repeat"], "run_id": res["run_id"], "protocol_version": spec["protocol_version"],
                "iterations": spec["iterations"], "params_source": spec.get("params_source", "default"),
-               "augment": augment or NO_AUGMENT, "total_params": params.get("total"), "trainable_params": params["trainable"],
+               "augment": augment or NO_AUGMENT,
+               "total_params": params.get("total"), "trainable_params": params["trainable"],
                "changed_params": params["changed"], "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
                "device": cost.get("device", spec.get("device")), **_provenance_columns(res)}
         version_1 = res.get("metrics_version", 1) == 1
@@ -247,7 +248,8 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
                 rows.append({
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
                     "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
-                    "params_source": "default", "augment": split_row_label(method)[1] or NO_AUGMENT, "dice": d, "hd95": 20 * (1 - d),
+                    "params_source": "default", "augment": split_row_label(method)[1] or NO_AUGMENT,
+                    "dice": d, "hd95": 20 * (1 - d),
                     "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "nsd_voxel": min(1.0, d + 0.1),
                     "nsd_tol_mm": 2.0, "nsd_voxel_tol_mm": 2.5,
                     **{f"lesion_{k}{rule}": v for rule in ("", "_any") for k, v in (

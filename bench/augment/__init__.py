@@ -49,5 +49,5 @@ def augmented_pairs(rows) -> List[Tuple[str, str]]:
     return [(r, split_row_label(r)[0]) for r in rows if SEPARATOR in r and split_row_label(r)[0] in rows]
 
 
-__all__ = ["augmented_pairs", "AUGMENTATIONS", "Augmentation", "Normalisation", "SupportCase", "get_augmentation", "row_label",
-           "split_row_label"]
+__all__ = ["AUGMENTATIONS", "Augmentation", "Normalisation", "SupportCase", "augmented_pairs", "get_augmentation",
+           "row_label", "split_row_label"]

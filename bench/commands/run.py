@@ -99,7 +99,8 @@ def main(args) -> int:
 
 def print_result(result: dict) -> None:
     spec = result["spec"]
-    print(f"\n{spec['method']}{' with ' + spec['augment'] if spec.get('augment') else ''} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
+    augment = f" with {spec['augment']}" if spec.get("augment") else ""
+    print(f"\n{spec['method']}{augment} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
           f"(protocol {spec['protocol_version']}), {result['evaluated']} cases:")
     print(f"{'case':<14}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
     for c in result["cases"]:
