@@ -263,3 +263,10 @@ def test_report_pairs_each_augmented_row_with_its_plain_method(tmp_path):
     rows = [line for line in section.splitlines() if line.startswith("| dgst")]
     assert len(rows) == 1 and rows[0].startswith("| dgst+synth | dgst |")
     assert (tmp_path / "tables" / "phantom_3shot_augmentation.csv").is_file()
+
+
+def test_unknown_augmentation_is_refused_with_the_valid_names(bench_home, capsys):
+    from bench.cli import main
+    assert main(["run", "--method", "dgst", "--augment", "synth"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown augmentation 'synth'" in err and "synth-nodes" in err
