@@ -46,12 +46,19 @@ class CellOutcome:
 
 def grid(methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int], repeats: Sequence[int],
          **spec_fields) -> List[RunSpec]:
-    return [RunSpec(method=m, dataset=d, shots=k, repeat=r, **spec_fields)
-            for d, k, m, r in itertools.product(datasets, shots, methods, repeats)]
+    """One spec per cell. ``methods`` are table rows: a method, or ``<method>+<label>`` for the method trained
+    with an augmentation (``dgst+synth``, ``bench.augment``); ``augment`` in ``spec_fields`` applies to the
+    rows that name none."""
+    from bench.augment import split_row_label
+    rows = [split_row_label(m) for m in methods]
+    specs = [RunSpec(**{**spec_fields, "augment": a or spec_fields.get("augment")}, method=m, dataset=d, shots=k,
+                     repeat=r)
+             for d, k, (m, a), r in itertools.product(datasets, shots, rows, repeats)]
+    return list({cell_key(s): s for s in specs}.values())  # `dgst` with augment= and `dgst+synth`: one cell
 
 
 def cell_key(spec: RunSpec) -> str:
-    return f"{spec.method}/{spec.dataset}/{spec.shots}shot/r{spec.repeat}"
+    return f"{spec.row_label()}/{spec.dataset}/{spec.shots}shot/r{spec.repeat}"
 
 
 def tuned_spec(spec: RunSpec, tune_trials: int) -> Optional[RunSpec]:
@@ -342,10 +349,11 @@ def _write_summary(outcomes, wall, executor, workers, tracking_uri) -> Path:
 
 
 def load_sweep_file(path: Path) -> dict:
-    """A committed sweep file: {"methods": [...], "datasets": [...], "shots": [...], "repeats": N, ...}."""
+    """A committed sweep file: {"methods": [...], "datasets": [...], "shots": [...], "repeats": N, ...}.
+    ``methods``: "all", names, and rows with an augmentation (``["all", "dgst+synth"]``)."""
     data = json.loads(Path(path).read_text())
     unknown = set(data) - {"methods", "datasets", "shots", "repeats", "iterations", "tune_trials", "executor",
-                           "workers", "foundation", "seed", "eval_every"}
+                           "workers", "foundation", "seed", "eval_every", "augment"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     return data
