@@ -1,50 +1,9 @@
-"""``bench perf``: what each method costs per training step, measured side by side.
-
-For one network and patch size, every registered method is set up exactly as
-the runner does it (foundation weights -> ``Method.prepare`` -> nnU-Net's SGD)
-and trained on one random batch with nnU-Net's own loss (built by
-``nnUNetTrainer._build_loss``: Dice + CE with deep supervision) through the
-harness step (``bench.engine.step.training_step``; AMP and a GradScaler on CUDA).
-
-- Step time: all methods are timed in ONE process, round-robin: every round
-  times one step of every method (the order rotates each round), so machine
-  drift and load affect all methods alike. Median and IQR over the rounds; on
-  CUDA ``torch.cuda.synchronize()`` brackets every timed step. Ratios to full
-  fine-tuning (and harness / stock) are medians of the within-round ratios.
-- Peak memory: methods are set up one after another, each in a metered window
-  from just before its network is built to the end of its warm-up steps
-  (weights, gradients, optimizer state, method state, activations; the shared
-  input batch and foundation checkpoint are outside the window). CUDA:
-  ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` at the window's
-  start, after ``reset_peak_memory_stats``. CPU: tracemalloc does not see torch's
-  allocations, so the process's resident-set high-water mark (``VmHWM``, reset
-  through ``/proc/self/clear_refs``) above the resident set at the window's start,
-  after ``gc.collect()`` and glibc ``malloc_trim(0)`` hand freed memory back to the
-  OS. In-process and sequential, it needs no subprocess per method (a fresh
-  interpreter costs seconds of imports per method); where ``clear_refs`` is not
-  available (non-Linux) the CPU number is reported as unavailable.
-- Parameters: trainable (``requires_grad``) and actually changed (entries of the
-  exported, nnU-Net-loadable weights that differ after warm-up + timed steps;
-  nnU-Net's aliased ``all_modules`` keys counted once).
-- DGST selection: on the same gradients (one backward pass of the full network),
-  the suite's ``topk_indices`` over every sparse tensor against the released
-  trainer's selection (``released_selection(..., fill_mask=True)``: a dense
-  ``eye(row_length)`` per tensor and two argsorts), timed interleaved, masks
-  compared entry by entry (rows that differ only because of tied |gradient|
-  values are counted separately).
-- Harness overhead: ``BenchTrainer.train_step`` (``training_step`` with ``full``)
-  against stock ``nnUNetTrainer.train_step`` on the same network object,
-  optimizer, loss, GradScaler and batch, interleaved.
-
-The numbers are written to ``<out>/perf_<device>.md`` and ``.csv`` (regenerated
-by the command, never edited by hand) and logged to MLflow as a run tagged
-``kind=perf``. Targets are printed next to the ratios, not asserted.
-"""
+"""Measuring: every method set up as the runner does it, memory windows, round-robin timing, the DGST
+selection benchmark and the harness-vs-stock comparison (docs/perf.md says how and why)."""
 from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import gc
 import itertools
 import os
@@ -56,121 +15,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from bench.engine.network import ONE_LABEL_DATASET_JSON
 from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
+from bench.perf.results import REFERENCE, NetworkResult, PerfReport
+from bench.perf.specs import NetworkSpec, network_spec
 from bench.quiet import quiet
 
-REFERENCE = "full"
-DATASET_JSON = {**ONE_LABEL_DATASET_JSON, "numTraining": 0, "file_ending": ".nii.gz"}
 
-# Printed next to the measured ratios; never asserted (timings depend on the machine).
-TARGETS = {
-    "dgst_step_ratio": ("<=", 1.05, "DGST step time / full fine-tuning"),
-    "dgst_memory_ratio": ("<=", 1.05, "DGST peak memory / full fine-tuning"),
-    "harness_ratio": ("<=", 1.03, "harness step / stock nnU-Net train_step"),
-    "selection_speedup": (">=", 50.0, "released selection time / DGST selection time (default architecture)"),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# networks
-# --------------------------------------------------------------------------------------------
-@dataclass
-class NetworkSpec:
-    key: str
-    title: str
-    plans: dict
-    dataset_json: dict = field(default_factory=lambda: copy.deepcopy(DATASET_JSON))
-    configuration: str = "3d_fullres"
-
-    @property
-    def config(self) -> dict:
-        return self.plans["configurations"][self.configuration]
-
-    @property
-    def patch(self) -> Tuple[int, ...]:
-        return tuple(self.config["patch_size"])
-
-    @property
-    def batch(self) -> int:
-        return int(self.config["batch_size"])
-
-    @property
-    def features(self) -> List[int]:
-        return list(self.config["architecture"]["arch_kwargs"]["features_per_stage"])
-
-
-def default_hn_plans(patch_size: Sequence[int] = (56, 192, 160), batch_size: int = 2,
-                     dataset_name: str = "Dataset990_HeadNeckCT") -> dict:
-    """nnU-Net's default 3d_fullres architecture as its planner makes it for head-and-neck CT
-    with ~3 mm slices: PlainConvUNet, 6 stages, 32..320 features, in-plane-only first pooling
-    and last pooling (anisotropic spacing), 2 convs per stage. Weights are random here."""
-    from bench.engine.network import tiny_plans
-
-    features = (32, 64, 128, 256, 320, 320)
-    plans = tiny_plans(dataset_name, patch_size=patch_size, spacing=(3.0, 0.98, 0.98), features=features,
-                       batch_size=batch_size)
-    plans["experiment_planner_used"] = "bench.perf.default_hn_plans (nnU-Net default 3d_fullres, H&N CT)"
-    cfg = plans["configurations"]["3d_fullres"]
-    cfg["median_image_size_in_voxels"] = [120, 512, 512]
-    arch = cfg["architecture"]["arch_kwargs"]
-    arch["kernel_sizes"] = [[1, 3, 3]] + [[3, 3, 3]] * 5
-    arch["strides"] = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
-    return plans
-
-
-def _check_patch(spec: NetworkSpec) -> None:
-    strides = spec.config["architecture"]["arch_kwargs"]["strides"]
-    total = [1, 1, 1]
-    for s in strides:
-        total = [t * v for t, v in zip(total, s)]
-    bad = [f"{p} (axis {i}) is not a multiple of {t}" for i, (p, t) in enumerate(zip(spec.patch, total)) if p % t]
-    if bad:
-        raise ValueError(f"patch {list(spec.patch)} does not fit the {spec.key} network's pooling: "
-                         + "; ".join(bad))
-    if all(p // t <= 1 for p, t in zip(spec.patch, total)):
-        raise ValueError(f"patch {list(spec.patch)} leaves a 1x1x1 bottleneck in the {spec.key} network; "
-                         f"instance norm needs more than one voxel there: use at least "
-                         f"{[2 * t if i == 0 else t for i, t in enumerate(total)]}")
-
-
-def network_spec(key: str, device: torch.device, patch: Optional[Sequence[int]] = None,
-                 batch: Optional[int] = None) -> NetworkSpec:
-    """``tiny``: the phantom foundation's architecture; ``default``: nnU-Net's default
-    3d_fullres for H&N CT (patch 56x192x160 on CUDA, 16x64x64 batch 1 on CPU);
-    ``test``: a seconds-fast network for the test-suite."""
-    from bench.engine.network import tiny_plans
-    from bench.foundation import PHANTOM_INTENSITY
-
-    cpu = device.type != "cuda"
-    if key == "tiny":
-        plans = tiny_plans("Dataset902_PhantomTarget", patch_size=tuple(patch or (32, 64, 64)),
-                           features=(8, 16, 32, 64), batch_size=batch or 2, intensity=PHANTOM_INTENSITY)
-        spec = NetworkSpec("tiny", "phantom foundation architecture (PlainConvUNet, 4 stages, 8-64 features)", plans)
-    elif key == "default":
-        default_patch, default_batch = ((16, 64, 64), 1) if cpu else ((56, 192, 160), 2)
-        plans = default_hn_plans(tuple(patch or default_patch), batch or default_batch)
-        spec = NetworkSpec("default", "nnU-Net default 3d_fullres for H&N CT (PlainConvUNet, 6 stages, "
-                                      "32-320 features)", plans)
-    elif key == "test":
-        plans = tiny_plans("Dataset999_Tiny", patch_size=tuple(patch or (8, 16, 16)), features=(4, 8, 16),
-                           batch_size=batch or 1)
-        spec = NetworkSpec("test", "test network (PlainConvUNet, 3 stages, 4-16 features)", plans)
-    else:
-        raise ValueError(f"unknown network {key!r}: use tiny, default or both")
-    _check_patch(spec)
-    return spec
-
-
-# --------------------------------------------------------------------------------------------
-# measuring
-# --------------------------------------------------------------------------------------------
 def _quiet_trainer(cls, plans: dict, configuration: str, dataset_json: dict, device: torch.device):
     """An nnU-Net trainer object without ``initialize()`` (no preprocessed data needed); its console
     chatter goes to the third-party log."""
@@ -270,19 +125,6 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     if a is None or b is None or b == 0 or a != a or b != b:
         return None
     return a / b
-
-
-@dataclass
-class NetworkResult:
-    key: str
-    title: str
-    patch: Tuple[int, ...]
-    batch: int
-    features: List[int]
-    total_params: int
-    rows: List[Dict[str, Any]]
-    selection: Dict[str, Any]
-    harness: Dict[str, Any]
 
 
 def alias_keys(network: nn.Module) -> set:
@@ -577,26 +419,6 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
                          harness_result)
 
 
-# --------------------------------------------------------------------------------------------
-# the report
-# --------------------------------------------------------------------------------------------
-@dataclass
-class PerfReport:
-    device: str
-    device_name: str
-    device_slug: str
-    date: str
-    versions: Dict[str, str]
-    threads: int
-    steps: int
-    warmup: int
-    selection_reps: int
-    seed: int
-    networks: List[NetworkResult]
-    memory_method: str
-    memory_reps: int = 1
-
-
 def resolve_device(name: str) -> torch.device:
     from bench.engine.train import resolve_device as _resolve
     return _resolve(name)
@@ -645,204 +467,3 @@ def run_perf(networks: Sequence[NetworkSpec], device: torch.device, methods: Seq
                       date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), versions=versions(),
                       threads=torch.get_num_threads(), steps=steps, warmup=warmup, selection_reps=selection_reps,
                       seed=seed, networks=results, memory_method=memory_method, memory_reps=memory_reps)
-
-
-def _fmt(v, spec: str = ".3f", none: str = "n/a") -> str:
-    if v is None or (isinstance(v, float) and v != v):
-        return none
-    return format(v, spec)
-
-
-def _verdict(key: str, value: Optional[float]) -> str:
-    op, bound, _ = TARGETS[key]
-    if value is None:
-        return f"target {op} {bound:g}: n/a"
-    ok = value <= bound if op == "<=" else value >= bound
-    return f"target {op} {bound:g}{'x' if key != 'harness_ratio' else ''}: {'met' if ok else 'NOT met'}"
-
-
-def method_table(net: NetworkResult) -> List[List[str]]:
-    head = ["method", "trainable", "changed", "step s (median)", "IQR s", "step x full", "peak MiB", "memory x full",
-            "note"]
-    lines = [head]
-    for r in net.rows:
-        if r.get("error") and "median_s" not in r:
-            lines.append([r["method"]] + [""] * 7 + [r["error"]])
-            continue
-        note = r.get("error") or ""
-        if r["method"] == "dgst":
-            note = "; ".join(x for x in (note, "step " + _verdict("dgst_step_ratio", r["step_ratio"]),
-                                         "memory " + _verdict("dgst_memory_ratio", r["memory_ratio"])) if x)
-        lines.append([r["method"], f"{r['trainable']:,}", f"{r['changed']:,}", _fmt(r["median_s"], ".3f"),
-                      f"{_fmt(r['q25_s'])}-{_fmt(r['q75_s'])}", _fmt(r["step_ratio"], ".3f"),
-                      _fmt(r["peak_mib"], ".0f"), _fmt(r["memory_ratio"], ".3f"), note])
-    return lines
-
-
-def _md_table(lines: List[List[str]]) -> str:
-    out = ["| " + " | ".join(lines[0]) + " |", "|" + "|".join("---" for _ in lines[0]) + "|"]
-    out += ["| " + " | ".join(l) + " |" for l in lines[1:]]
-    return "\n".join(out)
-
-
-def _text_table(lines: List[List[str]]) -> str:
-    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 or i == len(l) - 1 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(l, widths))).rstrip() for l in lines)
-
-
-def _selection_lines(net: NetworkResult) -> List[str]:
-    s = net.selection
-    key = "selection_speedup"
-    target = _verdict(key, s["speedup"]) + ("" if net.key == "default" else " (target set for the default architecture)")
-    return [f"DGST selection (topk_indices) vs released selection (eye(row_length) + two argsorts), same gradients: "
-            f"{s['tensors']} sparse tensors, {s['entries']:,} entries, gamma {s['gamma']}, longest row "
-            f"{s['max_row_length']:,}",
-            f"  ours {_fmt(s['ours']['median_s'], '.4f')} s (IQR {_fmt(s['ours']['q25_s'], '.4f')}-"
-            f"{_fmt(s['ours']['q75_s'], '.4f')}), {_fmt(100 * (s['share_of_full_step'] or float('nan')), '.1f')}% "
-            f"of a full fine-tuning step; released {_fmt(s['released']['median_s'], '.4f')} s (IQR "
-            f"{_fmt(s['released']['q25_s'], '.4f')}-{_fmt(s['released']['q75_s'], '.4f')}); "
-            f"speed-up {_fmt(s['speedup'], '.1f')}x ({target})",
-            f"  masks agree on {s['agreement']:.6f} of entries; {s['rows_equal']:,}/{s['rows']:,} rows identical, "
-            f"{s['rows_differing_by_ties']} differ only by tied |gradient|, {s['rows_differing_otherwise']} otherwise"]
-
-
-def _harness_line(net: NetworkResult) -> str:
-    h = net.harness
-    return (f"Harness overhead: BenchTrainer.train_step (training_step + full) {_fmt(h['harness']['median_s'])} s "
-            f"(IQR {_fmt(h['harness']['q25_s'])}-{_fmt(h['harness']['q75_s'])}) vs stock nnUNetTrainer.train_step "
-            f"{_fmt(h['stock']['median_s'])} s (IQR {_fmt(h['stock']['q25_s'])}-{_fmt(h['stock']['q75_s'])}) on the "
-            f"same network, optimizer, loss and batch: ratio {_fmt(h['ratio'])} ({_verdict('harness_ratio', h['ratio'])})")
-
-
-def _header(report: PerfReport) -> List[str]:
-    v = report.versions
-    amp = "AMP (autocast + GradScaler)" if report.device == "cuda" else "fp32 (no AMP on CPU, as nnU-Net)"
-    return [f"device: {report.device_name}",
-            f"date: {report.date}; torch {v.get('torch', '?')}, nnunetv2 {v.get('nnunetv2', '?')}, "
-            f"bench {v.get('bench', '?')}, python {v.get('python', '?')}",
-            f"steps: {report.steps} timed rounds (round-robin over all methods, rotating start), {report.warmup} "
-            f"warm-up steps per method, selection repetitions {report.selection_reps}, seed {report.seed}; "
-            f"'x full' and harness/stock are medians of within-round ratios",
-            f"step: bench.engine.step.training_step, nnU-Net SGD (momentum 0.99, nesterov, weight decay 3e-5), "
-            f"nnU-Net loss (nnUNetTrainer._build_loss: Dice + CE, deep supervision), random data and labels, {amp}",
-            f"peak memory: per method, from before its network is built to the end of its warm-up steps, median "
-            f"of {report.memory_reps} such window(s) in rotating order; {report.memory_method}",
-            "changed: entries of the exported weights that differ after warm-up + timed steps "
-            "(random 'foundation' weights)"]
-
-
-def render_text(report: PerfReport) -> str:
-    out = [f"bench perf on {report.device_name}"] + ["  " + h for h in _header(report)[1:]]
-    for net in report.networks:
-        out += ["", f"[{net.key}] {net.title}: patch {'x'.join(map(str, net.patch))}, batch {net.batch}, "
-                    f"{net.total_params:,} parameters", _text_table(method_table(net)), ""]
-        out += _selection_lines(net) + [_harness_line(net)]
-    return "\n".join(out)
-
-
-def render_markdown(report: PerfReport) -> str:
-    out = [f"# Training-step cost per method ({report.device_slug})", "",
-           "<!-- generated by `bench perf`; never edit by hand: rerun the command -->", ""]
-    out += [f"- {h}" for h in _header(report)]
-    for net in report.networks:
-        out += ["", f"## {net.key}: {net.title}", "",
-                f"patch {'x'.join(map(str, net.patch))}, batch {net.batch}, features {net.features}, "
-                f"{net.total_params:,} parameters", "", _md_table(method_table(net)), ""]
-        sel = _selection_lines(net)
-        out += [sel[0], "", "- " + sel[1].strip(), "- " + sel[2].strip(), "", _harness_line(net)]
-    return "\n".join(out) + "\n"
-
-
-CSV_FIELDS = ["section", "network", "patch", "batch", "name", "median_s", "q25_s", "q75_s", "n", "ratio",
-              "ratio_to", "target", "peak_mib", "memory_ratio", "trainable", "changed", "total", "agreement", "error"]
-
-
-def csv_rows(report: PerfReport) -> List[Dict[str, Any]]:
-    out = []
-    for net in report.networks:
-        common = {"network": net.key, "patch": "x".join(map(str, net.patch)), "batch": net.batch}
-        for r in net.rows:
-            target = ""
-            if r["method"] == "dgst":
-                target = f"step<={TARGETS['dgst_step_ratio'][1]};memory<={TARGETS['dgst_memory_ratio'][1]}"
-            out.append({"section": "method", **common, "name": r["method"],
-                        **{k: r.get(k) for k in ("median_s", "q25_s", "q75_s", "n", "peak_mib", "memory_ratio",
-                                                 "trainable", "changed", "total", "error")},
-                        "ratio": r.get("step_ratio"), "ratio_to": REFERENCE, "target": target})
-        s = net.selection
-        out.append({"section": "selection", **common, "name": "dgst-topk", **s["ours"],
-                    "ratio": s["share_of_full_step"], "ratio_to": "full step", "agreement": s["agreement"]})
-        out.append({"section": "selection", **common, "name": "released", **s["released"], "ratio": s["speedup"],
-                    "ratio_to": "dgst-topk (speed-up)", "target": f">={TARGETS['selection_speedup'][1]:g} (default)",
-                    "agreement": s["agreement"]})
-        h = net.harness
-        out.append({"section": "harness", **common, "name": "nnunet-stock", **h["stock"]})
-        out.append({"section": "harness", **common, "name": "harness", **h["harness"], "ratio": h["ratio"],
-                    "ratio_to": "nnunet-stock", "target": f"<={TARGETS['harness_ratio'][1]}"})
-    for row in out:
-        for k, v in row.items():
-            if isinstance(v, float):
-                row[k] = f"{v:.6g}"
-    return out
-
-
-def write_report(report: PerfReport, out_dir, suffix: str = "") -> Tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"perf_{report.device_slug}{suffix}"
-    md, cs = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text(render_markdown(report))
-    tmp.replace(md)
-    tmp = cs.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(csv_rows(report))
-    tmp.replace(cs)
-    return md, cs
-
-
-def _metric_key(*parts: str) -> str:
-    return "/".join(re.sub(r"[^A-Za-z0-9_\-. ]", "_", p) for p in parts)
-
-
-def log_report(report: PerfReport, files: Sequence[Path], tracking_uri: Optional[str] = None) -> str:
-    """One MLflow run tagged kind=perf: settings as params, every number as a metric, the table as artefacts."""
-    from bench import tracking
-
-    tags = {"kind": "perf", "device": report.device_name, "device_slug": report.device_slug}
-    with tracking.start_run(f"perf-{report.device_slug}", tags, tracking_uri) as run_id:
-        params = {"device": report.device, "device_name": report.device_name[:500], "steps": report.steps,
-                  "warmup": report.warmup, "selection_reps": report.selection_reps, "seed": report.seed,
-                  "memory_reps": report.memory_reps,
-                  "threads": report.threads, "memory_method": report.memory_method[:500],
-                  **{f"versions.{k}": v for k, v in report.versions.items()}}
-        for net in report.networks:
-            params[f"{net.key}.patch"] = "x".join(map(str, net.patch))
-            params[f"{net.key}.batch"] = net.batch
-            params[f"{net.key}.features"] = ",".join(map(str, net.features))
-            params[f"{net.key}.methods"] = ",".join(r["method"] for r in net.rows)[:500]
-        tracking.log_params({k: str(v) for k, v in params.items()})
-        metrics: Dict[str, float] = {}
-        for net in report.networks:
-            for r in net.rows:
-                for k in ("median_s", "q25_s", "q75_s", "step_ratio", "peak_mib", "memory_ratio", "trainable",
-                          "changed"):
-                    v = r.get(k)
-                    if isinstance(v, (int, float)) and v == v:
-                        metrics[_metric_key(net.key, r["method"], k)] = float(v)
-            s, h = net.selection, net.harness
-            for k, v in (("selection/ours_median_s", s["ours"]["median_s"]),
-                         ("selection/released_median_s", s["released"]["median_s"]),
-                         ("selection/speedup", s["speedup"]), ("selection/agreement", s["agreement"]),
-                         ("selection/share_of_full_step", s["share_of_full_step"]),
-                         ("harness/stock_median_s", h["stock"]["median_s"]),
-                         ("harness/harness_median_s", h["harness"]["median_s"]), ("harness/ratio", h["ratio"])):
-                if isinstance(v, (int, float)) and v == v:
-                    metrics[f"{net.key}/{k}"] = float(v)
-        tracking.log_metrics(metrics)
-        for f in files:
-            tracking.log_artifact(str(f))
-        return run_id
