@@ -22,7 +22,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from bench.checkpoint import match_weights
 from bench.engine.step import make_optimizer, training_step
-from bench.methods.base import Method, MethodContext
+from bench.methods.base import Method, MethodContext, TrainStart
 
 
 class BenchTrainer(nnUNetTrainer):
@@ -85,7 +85,7 @@ class BenchTrainer(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.method.on_train_start(self)
+        self.method.on_train_start(TrainStart(self.network, self.dataloader_train, self.loss_on_batch, self.device))
         self.global_step = 0
         self._t_start = time.perf_counter()
 

@@ -157,7 +157,14 @@ def _context(spec: NetworkSpec, foundation, device, seed):
                          extra={"architecture": copy.deepcopy(spec.config["architecture"])})
 
 
-def _dry_run(name: str, device: torch.device, shell) -> None:
+def _train_start(net: nn.Module, loss, data: torch.Tensor, target, device: torch.device):
+    """What ``Method.on_train_start`` gets in a run, on the one perf batch."""
+    from bench.methods.base import TrainStart
+    return TrainStart(net, itertools.repeat({"data": data, "target": target}),
+                      lambda batch: loss(net(batch["data"]), batch["target"]), device)
+
+
+def _dry_run(name: str, device: torch.device) -> None:
     """One step of ``name`` on a throwaway 3-stage network: lazy imports and one-time set-up of the
     method's code path (e.g. peft's first injection: seconds and ~60 MiB) stay out of its measurement."""
     from bench.engine.network import build_network
@@ -174,18 +181,14 @@ def _dry_run(name: str, device: torch.device, shell) -> None:
     def loss(out, target):
         return sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out]))
     data = torch.randn(spec.batch, 1, *spec.patch, device=device)
-    shell.network, shell.method, shell.optimizer, shell.loss = net, method, optimizer, loss
-    shell.dataloader_train = shell.dataloader_val = itertools.repeat({"data": data, "target": data})
-    method.on_train_start(shell)
+    method.on_train_start(_train_start(net, loss, data, data, device))
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     for step in range(2):
         training_step(net, method, optimizer, loss, data, data, step, scaler)
     method.export(net)
-    shell.network = shell.method = shell.optimizer = shell.loss = None
-    shell.dataloader_train = shell.dataloader_val = None
 
 
-def _setup_method(name, spec, foundation, device, seed, loss, batch, shell, meter, warmup):
+def _setup_method(name, spec, foundation, device, seed, loss, batch, meter, warmup):
     """Build, prepare and warm up one method inside a memory window; returns its state."""
     from bench.engine.network import build_network
     from bench.engine.step import make_optimizer, training_step
@@ -208,10 +211,7 @@ def _setup_method(name, spec, foundation, device, seed, loss, batch, shell, mete
         before = {k: v.detach().cpu() for k, v in method.export(net)[0].items()}  # export already copies
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
         aliases = alias_keys(net)
-    shell.network, shell.method, shell.ctx = net, method, ctx
-    shell.optimizer, shell.grad_scaler, shell.loss = optimizer, scaler, loss
-    shell.dataloader_train = shell.dataloader_val = itertools.repeat({"data": data, "target": target})
-    method.on_train_start(shell)
+    method.on_train_start(_train_start(net, loss, data, target, device))
     state = {"net": net, "method": method, "optimizer": optimizer, "scaler": scaler, "step": 0,
              "before": before, "trainable": trainable, "aliases": aliases}
 
@@ -305,7 +305,6 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
     with _scratch_nnunet_folders():
         stock = _quiet_trainer(nnUNetTrainer, spec.plans, spec.configuration, spec.dataset_json, device)
         harness = _quiet_trainer(BenchTrainer, spec.plans, spec.configuration, spec.dataset_json, device)
-        shell = _quiet_trainer(BenchTrainer, spec.plans, spec.configuration, spec.dataset_json, device)
         loss = stock._build_loss()  # nnU-Net's loss exactly as its trainer builds it
         batch = make_batch(spec, stock, device, seed)
         torch.manual_seed(seed)
@@ -344,9 +343,8 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
             for name in methods:
                 t0 = time.perf_counter()
                 try:
-                    _dry_run(name, device, shell)
-                    states[name] = _setup_method(name, spec, foundation, device, seed, loss, batch, shell, meter,
-                                                 warmup)
+                    _dry_run(name, device)
+                    states[name] = _setup_method(name, spec, foundation, device, seed, loss, batch, meter, warmup)
                 except Exception as e:
                     if name == REFERENCE:
                         raise
@@ -362,16 +360,13 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
             for rep in range(1, memory_reps):
                 alive = [n for n in methods if n in states]
                 for name in alive[rep % len(alive):] + alive[:rep % len(alive)]:
-                    extra = _setup_method(name, spec, foundation, device, seed, loss, batch, shell, meter, warmup)
+                    extra = _setup_method(name, spec, foundation, device, seed, loss, batch, meter, warmup)
                     states[name]["peak_samples"].append(extra["peak_bytes"])
-                    del extra  # with the shell's references, so the next window does not reuse its memory
-                    shell.network = shell.method = shell.optimizer = shell.loss = shell.ctx = None
-                    shell.dataloader_train = shell.dataloader_val = None
+                    del extra  # so that the next window does not reuse its memory
                     release_freed_memory()
                 log(f"  memory windows {rep + 1}/{memory_reps} done")
         finally:
             gc.unfreeze()
-        shell.network = shell.method = shell.optimizer = None
         for st in states.values():
             samples = [b for b in st["peak_samples"] if b is not None]
             st["peak_bytes"] = statistics.median(samples) if samples else None
@@ -411,7 +406,7 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
         # 5. selection, on the full network's gradients
         selection = _selection_benchmark(states[REFERENCE], spec, loss, batch, device, selection_reps, log)
         selection["share_of_full_step"] = _ratio(selection["ours"]["median_s"], ref)
-        del states, contestants, by_name, stock, harness, shell, hnet, hopt
+        del states, contestants, by_name, stock, harness, hnet, hopt
         release_freed_memory()
         if device.type == "cuda":
             torch.cuda.empty_cache()
