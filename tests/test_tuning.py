@@ -3,6 +3,7 @@ and that tuning never reads a test case. Budgets are tiny (1-shot, 2 iterations,
 import json
 import math
 import multiprocessing as mp
+import socket
 import subprocess
 import sys
 import time
@@ -69,7 +70,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
                 read.append(case_id)
                 return _original(self, case_id)
             m.setattr(Phantom, attr, recorder)
-        m.setattr(tuning, "make_pruner", lambda iterations: PruneTrials({1}))
+        m.setattr(tuning.study, "make_pruner", lambda iterations: PruneTrials({1}))
         out = tuning.tune("l2sp", shots=1, trials=2, repeats=[0], iterations=2, eval_every=1,
                           foundation=str(tiny_foundation), device="cpu", tracking_uri=tracking_uri, log=lines.append)
 
@@ -168,7 +169,7 @@ def test_resume_runs_only_missing_trials_and_records_failures(bench_home, tracki
     dead.wait()
     study = optuna.load_study(study_name=name, storage=tuning.open_storage(None).storage)
     orphan = study.ask()
-    orphan.set_user_attr("worker", {"host": tuning.socket.gethostname(), "pid": dead.pid})
+    orphan.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
     out = tuning.tune(trials=5, **kw)
     trials = study_trials(None, name)
     assert trials[orphan.number].state == TrialState.FAIL
