@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from bench.tracking import StudyTracker
@@ -16,19 +17,31 @@ DEFAULT_REPEATS = 3             # the objective averages the first 3 repeats' tu
 DEFAULT_ITERATIONS = 60         # iterations per trial: the same default as `bench run`
 
 
+@dataclass(frozen=True)
+class StudyBudget:
+    """What a study spends and what every trial shares: the trial budget, the repeats the objective
+    averages, iterations per trial, and the recipe, seed, ``eval_every`` and foundation of every run.
+    All but ``trials`` are recorded in the study, which is resumed only with the same values."""
+    trials: int = DEFAULT_TRIALS
+    repeats: Optional[Sequence[int]] = None     # None: the protocol's first DEFAULT_REPEATS repeats
+    iterations: int = DEFAULT_ITERATIONS
+    tune_iterations: bool = False               # also search the iterations (ITERATION_FACTORS x iterations)
+    eval_every: int = 10
+    optimizer: Optional[str] = None             # None (optimizer, weight decay): the method's recipe
+    weight_decay: Optional[float] = None
+    seed: Optional[int] = None                  # None: derived per repeat
+    foundation: Optional[str] = None            # None: the phantom foundation
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DEFAULT_TRIALS,
-         repeats: Optional[Sequence[int]] = None, storage: Optional[str] = None,
-         study_name: Optional[str] = None, iterations: int = DEFAULT_ITERATIONS, eval_every: int = 10,
-         optimizer: Optional[str] = None, weight_decay: Optional[float] = None,
-         foundation: Optional[str] = None, device: str = "auto", seed: Optional[int] = None,
-         protocol_version: Optional[str] = None, tracking_uri: Optional[str] = None,
-         tune_iterations: bool = False, log: Callable = print, verbose: bool = False,
-         objective: Optional[Objective] = None) -> dict:
-    """Run (or resume) the study until ``trials`` trials are COMPLETE or PRUNED, write the
+def tune(method: str, dataset: str = "phantom", shots: int = 3, budget: Optional[StudyBudget] = None, *,
+         storage: Optional[str] = None, study_name: Optional[str] = None, device: str = "auto",
+         protocol_version: Optional[str] = None, tracking_uri: Optional[str] = None, log: Callable = print,
+         verbose: bool = False, objective: Optional[Objective] = None) -> dict:
+    """Run (or resume) the study until ``budget.trials`` trials are COMPLETE or PRUNED, write the
     tuned-params file and return its content. ``objective`` replaces training + scoring
     (``objective(trial, specs) -> float``); it exists for tests of the study machinery only."""
     import optuna
@@ -36,6 +49,11 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
     from bench.methods import METHODS
     from bench.protocols import Protocol
 
+    budget = budget or StudyBudget()
+    trials, repeats, iterations, tune_iterations = (budget.trials, budget.repeats, budget.iterations,
+                                                    budget.tune_iterations)
+    eval_every, optimizer, weight_decay = budget.eval_every, budget.optimizer, budget.weight_decay
+    seed, foundation = budget.seed, budget.foundation
     method_cls = METHODS.get(method)
     if trials < 1:
         raise ValueError("--trials must be at least 1")
@@ -59,7 +77,7 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
     st = open_storage(storage)
     name = study_name or default_study_name(method, dataset, shots, protocol.version)
     source = f"{st.label}#{name}"
-    budget = {"method": method, "dataset": dataset, "shots": shots, "protocol_version": protocol.version,
+    setup = {"method": method, "dataset": dataset, "shots": shots, "protocol_version": protocol.version,
               "repeats": repeats, "iterations": iterations, "tune_iterations": bool(tune_iterations),
               "eval_every": eval_every, "optimizer": optimizer, "weight_decay": weight_decay, "seed": seed,
               "foundation": foundation,
@@ -73,10 +91,10 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
                                     load_if_exists=True)
         recorded = probe.user_attrs.get("budget")
         if recorded is None:
-            probe.set_user_attr("budget", budget)
-        elif recorded != budget:
-            diff = {k: (recorded.get(k), budget.get(k)) for k in set(recorded) | set(budget)
-                    if recorded.get(k) != budget.get(k)}
+            probe.set_user_attr("budget", setup)
+        elif recorded != setup:
+            diff = {k: (recorded.get(k), setup.get(k)) for k in set(recorded) | set(setup)
+                    if recorded.get(k) != setup.get(k)}
             raise ValueError(f"study {name!r} was run with a different setup "
                              f"({'; '.join(f'{k}: study {a!r}, now {b!r}' for k, (a, b) in sorted(diff.items()))}); "
                              "resume it with the same options or start another with --study-name")
@@ -96,7 +114,7 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
         if objective is None and n_new:
             _preflight(dataset, foundation, device, log)
         tracker = StudyTracker(tracking_uri, name, st.label,
-                           params={k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in budget.items()},
+                           params={k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in setup.items()},
                            tags={"method": method, "dataset": dataset, "shots": shots,
                                  "budget.trials": trials, "params_source": "tuning"})
         state = _Study(method=method, dataset=dataset, shots=shots, repeats=repeats, protocol=protocol, name=name,
@@ -147,7 +165,7 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, trials: int = DE
             raise
         finally:
             summary = summarize(study, trials)
-            out = _write_tuned(summary, budget=budget, trials=trials, study_name=name, storage=st, source=source)
+            out = _write_tuned(summary, budget=setup, trials=trials, study_name=name, storage=st, source=source)
             tracker.end_study(summary, out, status=status)
         c = summary["trials"]
         log(f"study {name!r}: {c['complete']} complete, {c['pruned']} pruned, {c['fail']} failed "

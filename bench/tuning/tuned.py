@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from bench.home import bench_home
 from bench.tuning.storage import StudyStorage
+
+if TYPE_CHECKING:
+    from bench.runner import RunSpec
 
 TUNED_SCHEMA_VERSION = 1
 
@@ -98,3 +101,17 @@ def load_tuned(method: str, dataset: str, shots: int) -> TunedParams:
         raise ValueError(f"{path}: unsupported tuned-params schema {data.get('schema_version')!r}; "
                          f"re-run `bench tune --method {method} --dataset {dataset} --shots {shots}`")
     return TunedParams(data, path)
+
+
+def apply_tuned(spec: "RunSpec", tuned: Optional[TunedParams] = None) -> "RunSpec":
+    """``spec`` with the tuned parameters of its method, dataset and shots (``tuned``, default: the
+    tuned-params file): the tuned lr and hyper-parameters, the tuned iterations when the study searched
+    them, and the recipe (optimizer, weight decay) the study tuned under where ``spec`` leaves it unset.
+    What ``spec`` sets itself (lr, hyper-parameter keys) wins and is named in ``params_source``.
+    The one way tuned parameters reach a run: ``bench run --params tuned`` and tuned sweep cells."""
+    tuned = tuned or load_tuned(spec.method, spec.dataset, spec.shots)
+    fields = tuned.spec_overrides(explicit={"lr": spec.lr, "hparams": spec.hparams})
+    for k in ("optimizer", "weight_decay"):
+        if getattr(spec, k) is None:
+            fields[k] = tuned.data["budget"].get(k)
+    return replace(spec, **fields)
