@@ -20,14 +20,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench.engine.network import build_network, tiny_plans
+from bench.engine.network import ONE_LABEL_DATASET_JSON, build_network, tiny_plans
 from bench.engine.step import make_optimizer, training_step
 from bench.methods import METHODS, get_method
 from bench.methods.base import Method, MethodContext, TrainStart, count
 
 PATCH, FEATURES, STEPS = (8, 16, 16), (4, 8), 3
 DATA = (4, 8, 8)  # input smaller than the patch: same code paths, a fraction of the CPU time
-DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}}
+DATASET_JSON = ONE_LABEL_DATASET_JSON
 ARCHS = ("plain", "resenc")
 TRAINED = [name for name in METHODS.names() if METHODS.get(name).trains]  # zero-shot: tests/test_reference_rows.py
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name in TRAINED for arch in ARCHS]

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
 
-from bench.datasets.base import DatasetError
+from bench.datasets.base import Dataset, DatasetError
 from bench.protocols import Protocol, available_versions
-
-if TYPE_CHECKING:
-    from bench.datasets.base import Dataset
 
 
 class DatasetWarning(UserWarning):
@@ -105,7 +102,7 @@ def protocol_label_ids(dataset: str, protocol: Optional[Protocol] = None) -> Dic
 
 # --------------------------------------------------------------------------- before training
 
-def check_prepared(dataset: Union[str, "Dataset"], protocol: Union[None, str, Protocol] = None) -> Protocol:
+def check_prepared(dataset: Union[str, Dataset], protocol: Union[None, str, Protocol] = None) -> Protocol:
     """Before training: the dataset is prepared, holds every case the protocol names, and every case
     whose label a run reads has at least one lymph-node voxel. Returns the protocol."""
     from bench.datasets import get_dataset   # the registry, which loads every dataset module
