@@ -286,3 +286,14 @@ def test_dgst_search_space_reaches_the_no_penalty_recipe():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: METHODS.get("dgst").search_space(t)["penalty"], n_trials=20)
     assert any(t.value == 0.0 for t in study.trials) and any(t.value > 0 for t in study.trials)
+
+
+def test_bench_tune_passes_its_options_as_one_study_budget(monkeypatch):
+    from bench.cli import main
+    seen = {}
+    monkeypatch.setattr(tuning, "tune", lambda method, **kw: seen.update(method=method, **kw))  # no study
+    assert main(["tune", "--method", "dgst", "--shots", "1", "--trials", "4", "--repeats", "0,1", "--iterations", "6",
+                 "--tune-iterations", "--eval-every", "3", "--optimizer", "sgd", "--seed", "2"]) == 0
+    assert seen["method"] == "dgst" and seen["shots"] == 1
+    assert seen["budget"] == Budget(trials=4, repeats=[0, 1], iterations=6, tune_iterations=True, eval_every=3,
+                                    optimizer="sgd", weight_decay=None, seed=2, foundation=None)
