@@ -87,18 +87,13 @@ def main(args) -> int:
         get_augmentation(args.augment)
     if args.verbose:
         show_third_party()
-    overrides = {"hparams": hparams, "lr": args.lr, "augment": args.augment}
-    if args.params == "tuned":
-        from bench.tuning import load_tuned
-        tuned = load_tuned(args.method, args.dataset, args.shots)
-        overrides.update(tuned.spec_overrides(explicit=overrides))
-        args.iterations = overrides.pop("iterations", args.iterations)  # set only if iterations were tuned
-        for k in ("optimizer", "weight_decay"):  # the recipe the study tuned under, unless given here
-            if getattr(args, k) is None:
-                setattr(args, k, tuned.data["budget"].get(k))
-    elif args.params != "default":
+    if args.params not in ("default", "tuned"):
         raise ValueError("--params takes 'default' or 'tuned'")
-    result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)
+    spec = spec_from_args(args, hparams=hparams, lr=args.lr, augment=args.augment)
+    if args.params == "tuned":
+        from bench.tuning import apply_tuned
+        spec = apply_tuned(spec)
+    result = run(spec, tracking_uri=args.tracking_uri)
     print_result(result)
     if not args.no_extra_eval:
         from bench.evaluation.extra import describe, evaluate_run

@@ -24,7 +24,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from bench.augment.base import Augmentation, Normalisation, SupportCase
 from bench.checkpoint import is_head, match_weights
 from bench.engine.step import make_optimizer, training_step
-from bench.methods.base import Method, MethodContext
+from bench.methods.base import Method, MethodContext, TrainStart
 from bench.progress import Task
 
 
@@ -97,7 +97,7 @@ class BenchTrainer(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.method.on_train_start(self)
+        self.method.on_train_start(TrainStart(self.network, self.dataloader_train, self.loss_on_batch, self.device))
         self.global_step = 0
         self.bar.update(completed=self.calibration_passes)  # they come out of the iteration budget
         self._t_start = time.perf_counter()
