@@ -34,8 +34,9 @@ from bench.formatting import fmt, fmt_ci, fmt_p, markdown_table, p_text  # noqa:
 from bench.evaluation.summary import report_lines as extra_report_lines  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
 
+from bench.augment import augmented_pairs  # noqa: E402
 from bench.stats import (ALPHA, CLAIM_MARGIN, N_BOOT, REFERENCE, Analysis, analyse, claim_family,  # noqa: E402
-                         labels_of, paired_table, per_label, summary)
+                         labels_of, paired_table, pairwise, per_label, summary)
 
 CSV_FLOAT = "%.6g"
 
@@ -136,9 +137,13 @@ def _section(a: Analysis, out_dir: Path, reference: str) -> List[str]:
         "median [95% CI]": _cis(s, "median", "median_lo", "median_hi")})), ""]
     _csv(s, out_dir, tag, "summary")
 
-    for title, table, name in ((f"**Versus `{reference}`** (difference = {reference} - method)",
-                                a.vs_reference, "vs_reference"),
-                               ("**All pairs** (difference = a - b)", a.all_pairs, "all_pairs")):
+    tables = [(f"**Versus `{reference}`** (difference = {reference} - method)", a.vs_reference, "vs_reference"),
+              ("**All pairs** (difference = a - b)", a.all_pairs, "all_pairs")]
+    augmented = augmented_pairs(p.methods)
+    if augmented:  # each augmented row against its plain method, on the same blocks (Holm within these)
+        tables.append(("**Augmentation** (difference = a - b: the method with `--augment` minus without)",
+                       pairwise(p, augmented), "augmentation"))
+    for title, table, name in tables:
         if table is None:
             lines += [f"{title}: `{reference}` has no results here.", ""]
             continue

@@ -11,6 +11,9 @@ single-label results have ``label`` = ``SINGLE_LABEL``. Statistics pair on the p
 (``bench.stats``), never on (case, label) rows as if they were cases. Each row also carries its
 provenance: foundation name and checkpoint sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
 seed, hyper-parameters, code version and git commit, package versions, device.
+A run trained with a training-data augmentation (``bench.augment``) is its own row: ``method`` is the row
+label ``<method>+<label>`` (``dgst+synth``), ``augment`` the augmentation's name (``none`` without one), so
+it is paired against the plain method on the same blocks and never replaces its cell.
 A cell is (dataset, method, shots, repeat) of one foundation checkpoint and one
 protocol version (``RUN_KEY``); when several sources hold the same cell, the
 newest file (by modification time) wins and a warning names the files involved.
@@ -37,6 +40,7 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 import pandas as pd
 
+from bench.augment import row_label, split_row_label
 from bench.evaluation.extra import NOT_EVALUATED, RUN_COLUMNS as EXTRA_COLUMNS, SET_COLUMNS, run_columns
 from bench.metrics import INT_METRICS, METRICS, upgrade_v1
 
@@ -48,10 +52,11 @@ SINGLE_LABEL = "foreground"   # the label of single-label results (they record n
 PROVENANCE_COLUMNS = ["foundation", "foundation_sha256", "optimizer", "lr", "weight_decay", "batch_size",
                       "patch_size", "seed", "hparams", "updated_per_step", "code_version", "git_commit",
                       "packages", "device_name"]
-COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", *METRICS,
+COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", "augment", *METRICS,
                  "total_params", "trainable_params", "changed_params", "train_seconds", "peak_memory_mb",
                  "device", *PROVENANCE_COLUMNS, *SET_COLUMNS, *EXTRA_COLUMNS]
-STRING_COLUMNS = ["dataset", "method", "case_id", "label", "run_id", "protocol_version", "params_source", "device",
+STRING_COLUMNS = ["dataset", "method", "case_id", "label", "run_id", "protocol_version", "params_source", "augment",
+                  "device",
                   "foundation", "foundation_sha256", "optimizer", "patch_size", "hparams", "code_version",
                   "git_commit", "packages", "device_name", *SET_COLUMNS]
 INT_COLUMNS = ["shots", "repeat"]
@@ -59,8 +64,10 @@ INT_COLUMNS = ["shots", "repeat"]
 COUNT_COLUMNS = ["iterations", "total_params", "trainable_params", "changed_params", "batch_size", "seed", "updated_per_step",
                  *INT_METRICS]
 UNKNOWN = "unknown"
+NO_AUGMENT = "none"
 # Columns that older snapshots lack, with the value they are read as.
 LATER_COLUMNS = {"label": SINGLE_LABEL, "iterations": "nan", "total_params": "nan", "params_source": UNKNOWN,
+                 "augment": NO_AUGMENT,
                  **{c: UNKNOWN if c in STRING_COLUMNS else "nan" for c in PROVENANCE_COLUMNS},
                  # per-run extra evaluations (bench.evaluation; `bench evaluate`): missing = not evaluated
                  **{c: NOT_EVALUATED for c in SET_COLUMNS}, **{c: "nan" for c in EXTRA_COLUMNS}}
@@ -154,9 +161,11 @@ def _read_result(file: Path):
         spec, cost, params = res["spec"], res["cost"], res["params"]
         if res.get("evaluated", spec.get("evaluate_on", "test")) != "test":
             return None
-        run = {"dataset": spec["dataset"], "method": spec["method"], "shots": spec["shots"],
+        augment = spec.get("augment")
+        run = {"dataset": spec["dataset"], "method": row_label(spec["method"], augment), "shots": spec["shots"],
                "repeat": spec["repeat"], "run_id": res["run_id"], "protocol_version": spec["protocol_version"],
                "iterations": spec["iterations"], "params_source": spec.get("params_source", "default"),
+               "augment": augment or NO_AUGMENT,
                "total_params": params.get("total"), "trainable_params": params["trainable"],
                "changed_params": params["changed"], "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
                "device": cost.get("device", spec.get("device")), **_provenance_columns(res),
@@ -256,7 +265,8 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
                     "label": SINGLE_LABEL,
                     "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
-                    "params_source": "default", "dice": d, "hd95": 20 * (1 - d),
+                    "params_source": "default", "augment": split_row_label(method)[1] or NO_AUGMENT,
+                    "dice": d, "hd95": 20 * (1 - d),
                     "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "nsd_voxel": min(1.0, d + 0.1),
                     "nsd_tol_mm": 2.0, "nsd_voxel_tol_mm": 2.5,
                     **{f"lesion_{k}{rule}": v for rule in ("", "_any") for k, v in (

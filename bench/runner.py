@@ -50,6 +50,7 @@ class RunSpec:
     device: str = "auto"
     evaluate_on: str = "test"            # "tune" for hyper-parameter search: test cases never touched
     params_source: str = "default"       # "default" or the Optuna study that produced hparams
+    augment: Optional[str] = None        # a training-data augmentation (bench.augment), e.g. "synth-nodes"
 
     def __post_init__(self):
         if self.iterations is None or self.eval_every is None:
@@ -83,6 +84,8 @@ class RunSpec:
             raise FoundationNotBuilt("the default phantom foundation is not built yet "
                                      "(`bench foundation build`, or any run builds it)")
         key = {k: v for k, v in asdict(self).items() if k not in ("device", "foundation")}
+        if self.augment is None:  # only when set: runs made before the field existed keep their ids
+            del key["augment"]
         key.update({k: v for k, v in asdict(self.recipe()).items() if k != "source"})
         key.update(seed=self.resolved_seed()[0], protocol_version=self.resolved_protocol_version(),
                    foundation_sha256=fid["sha256"], code_version=bench.__version__)
@@ -91,6 +94,11 @@ class RunSpec:
         if len(labels) > 2:   # a label set chosen at preparation (segrap2023-oars --labels) is part of the cell
             key["labels"] = labels
         return key
+
+    def row_label(self) -> str:
+        """The cell's row in tables: the method, or ``<method>+<augmentation label>`` (``dgst+synth``)."""
+        from bench.augment import row_label
+        return row_label(self.method, self.augment)
 
     def run_id(self) -> str:
         return hashlib.sha1(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -115,7 +123,19 @@ def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
 
 
 def run_dir(spec: RunSpec) -> Path:
-    return subdir("runs", spec.dataset, spec.method, f"shots{spec.shots}", f"repeat{spec.repeat}", spec.run_id())
+    return subdir("runs", spec.dataset, spec.row_label(), f"shots{spec.shots}", f"repeat{spec.repeat}", spec.run_id())
+
+
+def augmentation_for(spec: RunSpec, method):
+    """The spec's augmentation (None without one); refused for a method that does not train."""
+    if spec.augment is None:
+        return None
+    from bench.augment import get_augmentation
+    augmentation = get_augmentation(spec.augment)
+    if not method.trains:
+        raise ValueError(f"{spec.method} does not train, so --augment {spec.augment} has nothing to act on; "
+                         "run it without --augment")
+    return augmentation
 
 
 def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None,
@@ -131,6 +151,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
 
     configure_nnunet_env()
     method = get_method(spec.method, **spec.hparams)
+    augmentation = augmentation_for(spec, method)
     recipe = spec.recipe()
     dataset = get_dataset(spec.dataset).ensure_prepared()
     protocol = Protocol.load(spec.dataset, spec.protocol_version)
@@ -155,6 +176,8 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         log(f"  foundation load: {note}")
     log(f"  recipe: {spec.iterations} iterations, {recipe.describe()}")
     log(f"  hyper-parameters: {spec.params_source}" + (f" ({method.describe()})" if method.hp else ""))
+    if augmentation is not None:
+        log(f"  augmentation: {augmentation.name} ({augmentation.summary}); row {spec.row_label()}")
     init_state = foundation.state_dict if method.uses_foundation else None
     if init_state is not None:
         target_load_report(foundation, dataset_json)  # refuse a mismatching checkpoint before preprocessing
@@ -167,7 +190,8 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
                                 init_state=init_state, train_ids=train_ids, val_ids=split.tune or split.support,
                                 out_dir=out / "training",
                                 config=TrainConfig(recipe, spec.iterations, spec.eval_every, spec.batch_size),
-                                device=dev, seed=seed, log=log, epoch_callback=epoch_callback)
+                                device=dev, seed=seed, log=log, epoch_callback=epoch_callback,
+                                augmentation=augmentation)
     else:
         from bench.methods.reference import foundation_as_is
         outcome = foundation_as_is(foundation, plans, dataset_json)
@@ -198,6 +222,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
                    "patch_size": outcome.patch_size, "eval_every": spec.eval_every},
         "seed": {"value": seed, "source": seed_source},
         "hyperparameters": {"values": method.hp, "source": spec.params_source},
+        "augment": outcome.augment,
         "updated_per_step": outcome.updated_per_step,
         "code": {"version": bench.__version__, **{f"git_{k}": v for k, v in git_commit().items()}},
         "versions": versions(),
@@ -218,7 +243,8 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         "cost": {"train_seconds": outcome.train_seconds,
                  "step_seconds_median": float(np.median(outcome.step_times)) if outcome.step_times else None,
                  "peak_memory_mb": outcome.peak_memory_mb, "device": dev.type,
-                 "forward_backward_passes": outcome.train_steps + outcome.calibration_passes},
+                 "forward_backward_passes": outcome.train_steps + outcome.calibration_passes,
+                 "augment_seconds_per_step": (outcome.augment or {}).get("seconds_per_step")},
         "params": {"total": outcome.total, "trainable": outcome.trainable, "changed": outcome.changed,
                    "updated_per_step": outcome.updated_per_step},
         "foundation_load": {k: len(v) for k, v in outcome.load_report.items()},

@@ -44,12 +44,27 @@ class CellOutcome:
 
 def grid(methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int], repeats: Sequence[int],
          **spec_fields) -> List[RunSpec]:
-    return [RunSpec(method=m, dataset=d, shots=k, repeat=r, **spec_fields)
-            for d, k, m, r in itertools.product(datasets, shots, methods, repeats)]
+    """One spec per cell. ``methods`` are table rows: a method, or ``<method>+<label>`` for the method trained
+    with an augmentation (``dgst+synth``, ``bench.augment``); ``augment`` in ``spec_fields`` applies to the
+    rows that name none."""
+    from bench.augment import split_row_label
+    rows = [split_row_label(m) for m in methods]
+    specs = [RunSpec(**{**spec_fields, "augment": a or spec_fields.get("augment")}, method=m, dataset=d, shots=k,
+                     repeat=r)
+             for d, k, (m, a), r in itertools.product(datasets, shots, rows, repeats)]
+    return list({cell_key(s): s for s in specs}.values())  # `dgst` with augment= and `dgst+synth`: one cell
 
 
 def cell_key(spec: RunSpec) -> str:
-    return f"{spec.method}/{spec.dataset}/{spec.shots}shot/r{spec.repeat}"
+    return f"{spec.row_label()}/{spec.dataset}/{spec.shots}shot/r{spec.repeat}"
+
+
+def cell_budget(spec: RunSpec, tune_trials: int):
+    """The study a tuned cell runs in: the cell's iterations, eval_every, recipe, seed and foundation."""
+    from bench.tuning import StudyBudget
+    return StudyBudget(trials=tune_trials, iterations=spec.iterations, eval_every=spec.eval_every,
+                       optimizer=spec.optimizer, weight_decay=spec.weight_decay, seed=spec.seed,
+                       foundation=spec.foundation)
 
 
 def tuned_spec(spec: RunSpec, tune_trials: int) -> Optional[RunSpec]:
@@ -57,19 +72,17 @@ def tuned_spec(spec: RunSpec, tune_trials: int) -> Optional[RunSpec]:
     parameters of a study run with this cell's set-up; None while there is no such study result."""
     if not tune_trials:
         return spec
-    from bench.tuning import load_tuned
+    from bench.tuning import apply_tuned, load_tuned
     try:
         tuned = load_tuned(spec.method, spec.dataset, spec.shots)
     except (FileNotFoundError, ValueError):
         return None
-    budget = tuned.data["budget"]
-    wanted = {"trials": tune_trials, "iterations": spec.iterations, "eval_every": spec.eval_every,
-              "optimizer": spec.optimizer, "weight_decay": spec.weight_decay, "seed": spec.seed,
-              "foundation": spec.foundation}
-    if any(budget.get(k) != v for k, v in wanted.items()) \
+    budget, wanted = tuned.data["budget"], cell_budget(spec, tune_trials)
+    if any(budget.get(k) != getattr(wanted, k)
+           for k in ("trials", "iterations", "eval_every", "optimizer", "weight_decay", "seed", "foundation")) \
             or tuned.data["protocol_version"] != spec.resolved_protocol_version():
         return None
-    return RunSpec(**{**asdict(spec), **tuned.spec_overrides(explicit={})})
+    return apply_tuned(spec, tuned)
 
 
 def is_done(spec: RunSpec, tune_trials: int = 0) -> bool:
@@ -95,10 +108,8 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
                 logf.flush()
             if tune_trials:
                 from bench.tuning import tune
-                tune(spec.method, spec.dataset, spec.shots, trials=tune_trials, foundation=spec.foundation,
-                     iterations=spec.iterations, eval_every=spec.eval_every, optimizer=spec.optimizer,
-                     weight_decay=spec.weight_decay, seed=spec.seed, protocol_version=spec.protocol_version,
-                     device=spec.device, tracking_uri=tracking_uri, log=log)
+                tune(spec.method, spec.dataset, spec.shots, cell_budget(spec, tune_trials),
+                     protocol_version=spec.protocol_version, device=spec.device, tracking_uri=tracking_uri, log=log)
                 spec = tuned_spec(spec, tune_trials)
                 if spec is None:
                     raise RuntimeError("tuning finished without tuned parameters (no trial completed)")
@@ -335,10 +346,11 @@ def _write_summary(outcomes, wall, executor, workers, tracking_uri) -> Path:
 
 
 def load_sweep_file(path: Path) -> dict:
-    """A committed sweep file: {"methods": [...], "datasets": [...], "shots": [...], "repeats": N, ...}."""
+    """A committed sweep file: {"methods": [...], "datasets": [...], "shots": [...], "repeats": N, ...}.
+    ``methods``: "all", names, and rows with an augmentation (``["all", "dgst+synth"]``)."""
     data = json.loads(Path(path).read_text())
     unknown = set(data) - {"methods", "datasets", "shots", "repeats", "iterations", "tune_trials", "executor",
-                           "workers", "foundation", "seed", "eval_every"}
+                           "workers", "foundation", "seed", "eval_every", "augment"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
     return data

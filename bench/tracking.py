@@ -100,11 +100,14 @@ def log_result(result: dict, out_dir: Path, tracking_uri: Optional[str] = None,
                parent_run_id: Optional[str] = None) -> str:
     import pandas as pd
     mlflow = _mlflow(tracking_uri)
+    from bench.augment import row_label
     spec = result["spec"]
-    name = f"{spec['method']}-{spec['dataset']}-{spec['shots']}shot-r{spec['repeat']}"
+    row = row_label(spec["method"], spec.get("augment"))  # dgst+synth: a method trained with an augmentation
+    name = f"{row}-{spec['dataset']}-{spec['shots']}shot-r{spec['repeat']}"
     tags = {"kind": "cell" if spec.get("evaluate_on", "test") == "test" else "trial", "bench.run_id": result["run_id"],
             "method": spec["method"], "dataset": spec["dataset"], "shots": str(spec["shots"]),
-            "repeat": str(spec["repeat"]), "params_source": spec.get("params_source", "default")}
+            "repeat": str(spec["repeat"]), "params_source": spec.get("params_source", "default"),
+            "augment": spec.get("augment") or "none", "row": row}
     prov = result.get("provenance")
     if prov:  # what `mlflow ui` filters on: which checkpoint, protocol, seed and commit produced this run
         tags.update({"foundation": prov["foundation"]["name"], "foundation.sha256": prov["foundation"]["sha256"],

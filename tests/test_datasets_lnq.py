@@ -14,7 +14,9 @@ import SimpleITK as sitk
 
 from bench.cli import main
 from bench.datasets import DatasetError, get_dataset
-from bench.datasets.checks import DatasetWarning, Geometry, read_nrrd
+from bench.datasets.geometry import Geometry
+from bench.datasets.image_io import read_nrrd
+from bench.datasets.validation import DatasetWarning
 from test_datasets_segrap import assert_nothing_published, digest, mtimes
 
 pytestmark = pytest.mark.usefixtures("bench_home")   # conftest: BENCH_HOME in tmp_path

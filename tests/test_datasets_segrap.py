@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from bench.cli import main
 from bench.datasets import DatasetError, get_dataset
 from bench.datasets.base import COMPLETE_MARKER
-from bench.datasets.checks import DatasetWarning
+from bench.datasets.validation import DatasetWarning
 from bench.protocols import Protocol
 
 SHAPE = (8, 16, 16)          # z, y, x

@@ -8,7 +8,7 @@ import SimpleITK as sitk
 
 from bench.cli import main
 from bench.datasets import DatasetError, get_dataset
-from bench.datasets.checks import DatasetWarning
+from bench.datasets.validation import DatasetWarning
 from bench.datasets.segrap2023 import protocol_v1 as nodes_protocol
 from bench.datasets.segrap2023_oars import protocol_v1
 from bench.protocols import Protocol

@@ -112,6 +112,15 @@ def test_what_the_runner_calls_never_imports_the_runner():
     assert not offenders, f"{offenders} import bench.runner, which imports them: move the shared code down"
 
 
+def test_protocols_are_a_leaf_that_imports_no_dataset_module():
+    """Datasets read protocols (which cases need a label), never the reverse: a protocol file is read
+    without loading any dataset module, and the two never form a circle."""
+    graph = import_graph(module_level=False)   # every level, TYPE_CHECKING and function bodies included
+    offenders = {m: sorted(t for t in graph[m] if t.startswith("bench.datasets"))
+                 for m in graph if m == "bench.protocols" or m.startswith("bench.protocols.")}
+    assert not any(offenders.values()), f"bench.protocols imports dataset modules: {offenders}"
+
+
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module is imported with no bench module loaded before it (third-party modules stay
     loaded between modules: only the package's own import order matters here)."""

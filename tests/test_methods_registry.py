@@ -20,14 +20,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bench.engine.network import build_network, tiny_plans
+from bench.engine.network import ONE_LABEL_DATASET_JSON, build_network, tiny_plans
 from bench.engine.step import make_optimizer, training_step
 from bench.methods import METHODS, get_method
-from bench.methods.base import Method, MethodContext, count
+from bench.methods.base import Method, MethodContext, TrainStart, count
 
 PATCH, FEATURES, STEPS = (8, 16, 16), (4, 8), 3
 DATA = (4, 8, 8)  # input smaller than the patch: same code paths, a fraction of the CPU time
-DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}}
+DATASET_JSON = ONE_LABEL_DATASET_JSON
 ARCHS = ("plain", "resenc", "stunet")
 TRAINED = [name for name in METHODS.names() if METHODS.get(name).trains]  # zero-shot: tests/test_reference_rows.py
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name in TRAINED for arch in ARCHS]
@@ -95,14 +95,9 @@ def batches(n: int = 2):
              "target": (torch.rand(2, 1, *DATA, generator=g) > 0.7).float()} for _ in range(n)]
 
 
-class FakeTrainer:
-    """What ``Method.on_train_start`` may use: the network, a batch iterator, the loss on a batch."""
-
-    def __init__(self, network, data):
-        self.network, self.dataloader_train = network, itertools.cycle(data)
-
-    def loss_on_batch(self, batch):
-        return seg_loss(self.network(batch["data"]), batch["target"])
+def train_start(network, data) -> TrainStart:
+    """What ``Method.on_train_start`` gets: the network, a batch source, the loss on a batch."""
+    return TrainStart(network, itertools.cycle(data), lambda batch: seg_loss(network(batch["data"]), batch["target"]))
 
 
 def forward(net, x) -> torch.Tensor:
@@ -138,7 +133,7 @@ def trained(name: str, arch: str, hparams: tuple = ()) -> Trained:
     ctx = MethodContext(foundation_state=foundation, seed=0, extra={"architecture": architecture(plans_for(arch))})
     net = method.prepare(net, ctx)
     data = batches()
-    method.on_train_start(FakeTrainer(net, data))
+    method.on_train_start(train_start(net, data))
     out_prepared = forward(net, X)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     trainable = {n: p.requires_grad for n, p in net.named_parameters()}

@@ -10,7 +10,8 @@ import SimpleITK as sitk
 from bench.cli import main
 from bench.datasets import DatasetError, get_dataset, lnq2023, segrap2023
 from bench.datasets.phantom import Phantom
-from bench.protocols import Protocol, ProtocolError, check_prepared, make_protocol, write_protocol
+from bench.datasets.validation import check_prepared
+from bench.protocols import Protocol, ProtocolError, make_protocol, write_protocol
 from test_datasets_segrap import IDS as SEGRAP_IDS
 from test_datasets_segrap import make_release as make_segrap_release
 
@@ -110,7 +111,7 @@ def test_check_prepared_refuses_an_empty_label_the_protocol_uses(phantom_home):
         empty = sitk.GetImageFromArray(np.zeros(sitk.GetArrayViewFromImage(img).shape, np.uint8))
         empty.CopyInformation(img)
         sitk.WriteImage(empty, path, useCompression=True)
-        with pytest.raises(DatasetError, match="ph_000.*labels .* are empty"):
+        with pytest.raises(DatasetError, match="label of ph_000 is empty.*protocol phantom/v2"):
             check_prepared(ds)
     finally:
         with open(path, "wb") as f:

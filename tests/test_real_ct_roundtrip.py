@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from bench.datasets import get_dataset
-from bench.datasets.checks import Geometry
+from bench.datasets.geometry import Geometry
 from bench.engine.preprocess import preprocess, transfer_plans
 from bench.foundation import load_foundation, shipped_foundation_dir
 from bench.metrics import case_metrics

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from bench.engine.network import tiny_plans
+from bench.engine.network import ONE_LABEL_DATASET_JSON, tiny_plans
 from bench.engine.recipe import HARNESS_DEFAULTS, resolve_recipe
 from bench.engine.trainer import BenchTrainer
 from bench.methods import get_method
@@ -18,7 +18,7 @@ from bench.results import read_snapshot, select_budget, synthetic_results, write
 from bench.runner import RunSpec
 from bench.stats import paired_table
 
-DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}, "file_ending": ".nii.gz"}
+DATASET_JSON = {**ONE_LABEL_DATASET_JSON, "file_ending": ".nii.gz"}
 
 
 def trainer_optimizer(spec: RunSpec, iterations: int = 8, eval_every: int = 3):

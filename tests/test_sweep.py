@@ -170,3 +170,34 @@ def test_ray_address_without_ray_is_refused(bench_home, capsys):
                  "--ray-address", "127.0.0.1:6379"]) == 2
     assert "--ray-address is for --executor ray" in capsys.readouterr().err
 
+
+
+def test_bench_run_and_a_tuned_sweep_cell_apply_tuned_parameters_alike(bench_home, monkeypatch):
+    """`bench run --params tuned` and a tuned sweep cell read one tuned-params file into the same spec:
+    the tuned lr, hyper-parameters, iterations (searched by this study) and params_source."""
+    import json
+    from bench.cli import main
+    version = Protocol.load("phantom").version
+    budget = {"trials": 2, "iterations": 4, "eval_every": 2, "optimizer": None, "weight_decay": None, "seed": 3,
+              "foundation": None, "repeats": [0, 1, 2], "tune_iterations": True}
+    tuned = {"schema_version": 1, "protocol_version": version, "budget": budget,
+             "spec": {"lr": 2e-3, "iterations": 8}, "hparams": {"gamma": 4, "penalty": 0.0},
+             "params_source": f"journal#dgst-phantom-1shot-{version}"}
+    path = bench_home / "tuned" / "phantom" / "dgst" / "shots1.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(tuned))
+
+    class Ran(Exception):
+        pass
+
+    def run(spec, **kwargs):  # the spec `bench run` would train
+        raise Ran(spec)
+    monkeypatch.setattr("bench.runner.run", run)
+    with pytest.raises(Ran) as ran:
+        main(["run", "--method", "dgst", "--shots", "1", "--iterations", "4", "--eval-every", "2", "--seed", "3",
+              "--params", "tuned"])
+    from_run = ran.value.args[0]
+    from_sweep = tuned_spec(grid(["dgst"], ["phantom"], [1], [0], iterations=4, eval_every=2, seed=3)[0], 2)
+    assert (from_sweep.lr, from_sweep.hparams, from_sweep.iterations, from_sweep.params_source) == \
+        (2e-3, tuned["hparams"], 8, tuned["params_source"])
+    assert from_run == from_sweep

@@ -3,6 +3,7 @@ and that tuning never reads a test case. Budgets are tiny (1-shot, 2 iterations,
 import json
 import math
 import multiprocessing as mp
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from bench import tuning
+from bench.tuning import StudyBudget as Budget
 from bench.protocols import Protocol
 
 PHANTOM_PROTOCOL = Protocol.load("phantom").version  # study names carry the protocol version
@@ -69,9 +71,10 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
                 read.append(case_id)
                 return _original(self, case_id)
             m.setattr(Phantom, attr, recorder)
-        m.setattr(tuning, "make_pruner", lambda iterations: PruneTrials({1}))
-        out = tuning.tune("l2sp", shots=1, trials=2, repeats=[0], iterations=2, eval_every=1,
-                          foundation=str(tiny_foundation), device="cpu", tracking_uri=tracking_uri, log=lines.append)
+        m.setattr(tuning.study, "make_pruner", lambda iterations: PruneTrials({1}))
+        out = tuning.tune("l2sp", shots=1, budget=Budget(trials=2, repeats=[0], iterations=2, eval_every=1,
+                                                         foundation=str(tiny_foundation)),
+                          device="cpu", tracking_uri=tracking_uri, log=lines.append)
 
     # --- the test set is unreachable from tuning
     assert read, "the recorder saw no reads: the leakage check would be vacuous"
@@ -136,22 +139,22 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
 
 
 def test_resume_runs_only_missing_trials_and_records_failures(bench_home, tracking_uri):
-    kw = dict(method="dgst", shots=1, iterations=2, device="cpu", tracking_uri=tracking_uri,
+    kw = dict(method="dgst", shots=1, device="cpu", tracking_uri=tracking_uri,
               objective=cheap_objective, log=lambda *a: None)
     name = f"dgst-phantom-1shot-{PHANTOM_PROTOCOL}"
-    tuning.tune(trials=2, **kw)
+    tuning.tune(budget=Budget(trials=2, iterations=2), **kw)
     assert len(study_trials(None, name)) == 2
-    tuning.tune(trials=3, **kw)                      # resumed: exactly one more
+    tuning.tune(budget=Budget(trials=3, iterations=2), **kw)  # resumed: exactly one more
     trials = study_trials(None, name)
     assert [t.number for t in trials] == [0, 1, 2] and all(t.state == TrialState.COMPLETE for t in trials)
-    tuning.tune(trials=3, **kw)                      # budget used: nothing runs
+    tuning.tune(budget=Budget(trials=3, iterations=2), **kw)  # budget used: nothing runs
     assert len(study_trials(None, name)) == 3
 
     def crashing(trial, specs):                      # one trial crashes, the study goes on
         if trial.number == 3:
             raise RuntimeError("simulated crash")
         return cheap_objective(trial, specs)
-    out = tuning.tune(trials=5, **{**kw, "objective": crashing})
+    out = tuning.tune(budget=Budget(trials=5, iterations=2), **{**kw, "objective": crashing})
     trials = study_trials(None, name)
     assert [t.state for t in trials[3:]] == [TrialState.FAIL, TrialState.COMPLETE]
     assert "simulated crash" in trials[3].user_attrs["error"]
@@ -160,7 +163,7 @@ def test_resume_runs_only_missing_trials_and_records_failures(bench_home, tracki
     def interrupted(trial, specs):                   # Ctrl+C in the middle of a trial
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        tuning.tune(trials=5, **{**kw, "objective": interrupted})
+        tuning.tune(budget=Budget(trials=5, iterations=2), **{**kw, "objective": interrupted})
     assert study_trials(None, name)[5].state == TrialState.FAIL
 
     # a worker killed outright leaves its trial RUNNING: the next `bench tune` fails it and refills
@@ -168,8 +171,8 @@ def test_resume_runs_only_missing_trials_and_records_failures(bench_home, tracki
     dead.wait()
     study = optuna.load_study(study_name=name, storage=tuning.open_storage(None).storage)
     orphan = study.ask()
-    orphan.set_user_attr("worker", {"host": tuning.socket.gethostname(), "pid": dead.pid})
-    out = tuning.tune(trials=5, **kw)
+    orphan.set_user_attr("worker", {"host": socket.gethostname(), "pid": dead.pid})
+    out = tuning.tune(budget=Budget(trials=5, iterations=2), **kw)
     trials = study_trials(None, name)
     assert trials[orphan.number].state == TrialState.FAIL
     assert [t.state for t in trials[orphan.number + 1:]] == [TrialState.COMPLETE]
@@ -196,9 +199,9 @@ def test_study_refuses_a_different_setup_and_missing_tuned_file_names_command(be
               log=lambda *a: None)
     with pytest.raises(FileNotFoundError, match="bench tune --method full --dataset phantom --shots 1"):
         tuning.load_tuned("full", "phantom", 1)
-    tuning.tune(trials=1, iterations=2, **kw)
+    tuning.tune(budget=Budget(trials=1, iterations=2), **kw)
     with pytest.raises(ValueError, match="iterations: study 2, now 4"):
-        tuning.tune(trials=2, iterations=4, **kw)
+        tuning.tune(budget=Budget(trials=2, iterations=4), **kw)
     assert tuning.load_tuned("full", "phantom", 1).hparams == {}
 
 
@@ -219,7 +222,7 @@ def _worker(storage, uri, trials):
     def slow(trial, specs):
         time.sleep(0.3)
         return cheap_objective(trial, specs)
-    tuning.tune("lora", shots=1, trials=trials, iterations=2, device="cpu", storage=storage,
+    tuning.tune("lora", shots=1, budget=Budget(trials=trials, iterations=2), device="cpu", storage=storage,
                 study_name="shared", tracking_uri=uri, objective=slow, log=lambda *a: None)
 
 
@@ -254,8 +257,9 @@ def test_objective_averages_several_repeats_with_the_cells_recipe_and_seed(bench
     def objective(trial, specs):
         seen.append(specs)
         return cheap_objective(trial, specs)
-    out = tuning.tune("dgst", shots=1, trials=2, iterations=2, eval_every=1, optimizer="sgd", weight_decay=1e-4,
-                      seed=5, device="cpu", tracking_uri=tracking_uri, objective=objective, log=lambda *a: None)
+    out = tuning.tune("dgst", shots=1, budget=Budget(trials=2, iterations=2, eval_every=1, optimizer="sgd",
+                                                     weight_decay=1e-4, seed=5),
+                      device="cpu", tracking_uri=tracking_uri, objective=objective, log=lambda *a: None)
     assert tuning.DEFAULT_REPEATS >= 3
     for specs in seen:
         assert [s.repeat for s in specs] == list(range(tuning.DEFAULT_REPEATS))
@@ -282,3 +286,14 @@ def test_dgst_search_space_reaches_the_no_penalty_recipe():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     study.optimize(lambda t: METHODS.get("dgst").search_space(t)["penalty"], n_trials=20)
     assert any(t.value == 0.0 for t in study.trials) and any(t.value > 0 for t in study.trials)
+
+
+def test_bench_tune_passes_its_options_as_one_study_budget(monkeypatch):
+    from bench.cli import main
+    seen = {}
+    monkeypatch.setattr(tuning, "tune", lambda method, **kw: seen.update(method=method, **kw))  # no study
+    assert main(["tune", "--method", "dgst", "--shots", "1", "--trials", "4", "--repeats", "0,1", "--iterations", "6",
+                 "--tune-iterations", "--eval-every", "3", "--optimizer", "sgd", "--seed", "2"]) == 0
+    assert seen["method"] == "dgst" and seen["shots"] == 1
+    assert seen["budget"] == Budget(trials=4, repeats=[0, 1], iterations=6, tune_iterations=True, eval_every=3,
+                                    optimizer="sgd", weight_decay=None, seed=2, foundation=None)

@@ -43,7 +43,7 @@ def show_protocol(args: argparse.Namespace) -> int:
 
 
 def check_protocol(args: argparse.Namespace) -> int:
-    from bench.protocols import check_prepared
+    from bench.datasets.validation import check_prepared
     p = check_prepared(args.dataset, args.version)
     print(f"{p.dataset}: prepared data matches protocol {p.version} ({len(p.test)} test, {len(p.pool)} pool cases)")
     return 0

@@ -62,6 +62,9 @@ def register(sub) -> None:
     add_extra_arguments(p)
     p.add_argument("--no-extra-eval", action="store_true",
                    help="skip forgetting and node-free false positives after the run (`bench evaluate` adds them)")
+    p.add_argument("--augment", default=None, metavar="NAME",
+                   help="training-data augmentation, e.g. synth-nodes (synthetic nodes from the support set's own; "
+                        "docs/augment.md); its own row in tables: METHOD+synth")
     p.set_defaults(func=main)
 
 
@@ -81,20 +84,18 @@ def main(args) -> int:
     from bench.commands.evaluate import check_retention
     check_retention(args)
     get_method(args.method, **hparams)  # fail fast: unknown names (listing the valid ones), bad values
+    if args.augment is not None:
+        from bench.augment import get_augmentation
+        get_augmentation(args.augment)
     if args.verbose:
         show_third_party()
-    overrides = {"hparams": hparams, "lr": args.lr}
-    if args.params == "tuned":
-        from bench.tuning import load_tuned
-        tuned = load_tuned(args.method, args.dataset, args.shots)
-        overrides.update(tuned.spec_overrides(explicit=overrides))
-        args.iterations = overrides.pop("iterations", args.iterations)  # set only if iterations were tuned
-        for k in ("optimizer", "weight_decay"):  # the recipe the study tuned under, unless given here
-            if getattr(args, k) is None:
-                setattr(args, k, tuned.data["budget"].get(k))
-    elif args.params != "default":
+    if args.params not in ("default", "tuned"):
         raise ValueError("--params takes 'default' or 'tuned'")
-    result = run(spec_from_args(args, **overrides), tracking_uri=args.tracking_uri)
+    spec = spec_from_args(args, hparams=hparams, lr=args.lr, augment=args.augment)
+    if args.params == "tuned":
+        from bench.tuning import apply_tuned
+        spec = apply_tuned(spec)
+    result = run(spec, tracking_uri=args.tracking_uri)
     print_result(result)
     if not args.no_extra_eval:
         from bench.evaluation.extra import describe, evaluate_run
@@ -107,7 +108,8 @@ def main(args) -> int:
 
 def print_result(result: dict) -> None:
     spec = result["spec"]
-    print(f"\n{spec['method']} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
+    augment = f" with {spec['augment']}" if spec.get("augment") else ""
+    print(f"\n{spec['method']}{augment} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
           f"(protocol {spec['protocol_version']}), {result['evaluated']} cases:")
     labels = result.get("labels", [])      # several labels: a row per (case, label), means per label
     width = max([14] + [len(name) + 2 for name in labels])

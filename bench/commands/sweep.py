@@ -29,7 +29,11 @@ def register(sub) -> None:
                        description="Each cell (method, dataset, shots, repeat) is one job. Finished cells are "
                                    "skipped; killed or failed ones are redone on the next invocation.")
     p.add_argument("--file", default=None, help="sweep file (JSON) with the same keys; flags override it")
-    p.add_argument("--methods", default=None, help="comma list, or 'all' (default dgst,full)")
+    p.add_argument("--methods", default=None,
+                   help="comma list, or 'all' (default dgst,full); METHOD+synth adds the method trained with "
+                        "--augment synth-nodes as its own row, e.g. all,dgst+synth")
+    p.add_argument("--augment", default=None, metavar="NAME",
+                   help="training-data augmentation for every listed method (e.g. synth-nodes); rows: METHOD+synth")
     p.add_argument("--datasets", default=None, help="comma list (default phantom)")
     p.add_argument("--shots", type=CHECKS["shots"], default=None, metavar="K[,K...]",
                    help="comma list (default 1,3,5)")
@@ -63,19 +67,45 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
+def resolve_rows(selection, augment=None) -> list:
+    """Row labels of a sweep: method names, ``all`` (every registered method) and ``METHOD+LABEL`` rows (the
+    method with an augmentation, ``dgst+synth``), as a comma list or a list; unknown names fail with the valid
+    ones. ``augment`` (every listed method trained with it) is refused for a method that does not train."""
+    from bench.augment import get_augmentation, row_label, split_row_label
+    from bench.methods import METHODS, resolve_methods
+    entries = [e.strip() for e in (selection.split(",") if isinstance(selection, str) else selection)]
+    rows = []
+    for entry in filter(None, entries):
+        if entry == "all":
+            rows += resolve_methods("all")
+            continue
+        method, own = split_row_label(entry)
+        METHODS.get(method)
+        rows.append(row_label(method, own))
+    if augment:
+        get_augmentation(augment)
+        for r in rows:
+            method, own = split_row_label(r)
+            if own is None and not METHODS.get(method).trains:
+                raise ValueError(f"--augment {augment}: {method} does not train, so the augmentation cannot apply "
+                                 f"to it; list the rows to augment instead, e.g. --methods dgst+synth,full+synth")
+    return list(dict.fromkeys(rows))
+
+
 def main(args) -> int:
-    from bench.methods import resolve_methods
     from bench.datasets import DATASETS
     from bench.sweep import grid, sweep
 
     cfg = _checked_file(args.file) if args.file else {}
     pick = lambda name, default: getattr(args, name) if getattr(args, name) is not None else cfg.get(name, default)
-    methods = resolve_methods(pick("methods", "dgst,full"))
+    methods = resolve_rows(pick("methods", "dgst,full"), pick("augment", None))
     datasets = _csv(pick("datasets", "phantom")) if isinstance(pick("datasets", ""), str) else cfg["datasets"]
     shots = pick("shots", [1, 3, 5])
     for d in datasets:
         DATASETS.get(d)
     extra = {k: cfg[k] for k in ("seed", "eval_every") if k in cfg}  # sweep-file only
+    if pick("augment", None):
+        extra["augment"] = pick("augment", None)
     specs = grid(methods, datasets, shots, range(pick("repeats", 5)), iterations=pick("iterations", None),
                  foundation=pick("foundation", None), device=args.device, **extra)
     trials = pick("tune_trials", 0)

@@ -39,13 +39,13 @@ def register(sub) -> None:
 
 def main(args) -> int:
     from bench.quiet import show_third_party
-    from bench.tuning import tune
+    from bench.tuning import StudyBudget, tune
     if args.verbose:
         show_third_party()
-    tune(args.method, dataset=args.dataset, shots=args.shots, trials=args.trials,
-         repeats=args.repeats, storage=args.storage, study_name=args.study_name,
-         iterations=args.iterations, eval_every=args.eval_every, optimizer=args.optimizer,
-         weight_decay=args.weight_decay,
-         foundation=args.foundation, device=args.device, seed=args.seed, protocol_version=args.protocol,
-         tracking_uri=args.tracking_uri, tune_iterations=args.tune_iterations, verbose=args.verbose)
+    budget = StudyBudget(trials=args.trials, repeats=args.repeats, iterations=args.iterations,
+                         tune_iterations=args.tune_iterations, eval_every=args.eval_every, optimizer=args.optimizer,
+                         weight_decay=args.weight_decay, seed=args.seed, foundation=args.foundation)
+    tune(args.method, dataset=args.dataset, shots=args.shots, budget=budget, storage=args.storage,
+         study_name=args.study_name, device=args.device, protocol_version=args.protocol,
+         tracking_uri=args.tracking_uri, verbose=args.verbose)
     return 0

@@ -32,9 +32,10 @@ import SimpleITK as sitk
 
 from bench.datasets import DATASETS
 from bench.datasets.base import REAL_DATA_EVAL_EVERY, REAL_DATA_ITERATIONS, DatasetError
-from bench.datasets.checks import (REGRID_HINT, CaseSource, Geometry, ReleaseDataset, as_image, check_finite,
-                                   describe_differences, duplicate_error, label_values, read_nrrd,
-                                   resample_nearest, walk, warn, warn_download_copies)
+from bench.datasets.geometry import REGRID_HINT, Geometry, describe_differences, resample_nearest
+from bench.datasets.image_io import as_image, read_nrrd
+from bench.datasets.release import CaseSource, ReleaseDataset, duplicate_error, walk, warn_download_copies
+from bench.datasets.validation import check_finite, label_values, warn
 
 log = logging.getLogger(__name__)
 

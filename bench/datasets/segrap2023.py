@@ -30,9 +30,10 @@ import SimpleITK as sitk
 
 from bench.datasets import DATASETS
 from bench.datasets.base import REAL_DATA_EVAL_EVERY, REAL_DATA_ITERATIONS, DatasetError
-from bench.datasets.checks import (CaseSource, Geometry, ReleaseDataset, check_finite_image, check_same_grid,
-                                   duplicate_error, label_values, read_image, require_3d, walk, warn,
-                                   warn_download_copies)
+from bench.datasets.geometry import Geometry, check_same_grid
+from bench.datasets.image_io import read_image
+from bench.datasets.release import CaseSource, ReleaseDataset, duplicate_error, walk, warn_download_copies
+from bench.datasets.validation import check_finite_image, label_values, require_3d, warn
 
 CASE_DIR = re.compile(r"^segrap_\d{4}$")
 ONEHOT_LABEL = re.compile(r"^(segrap_\d{4})\.nii\.gz$")

@@ -24,8 +24,10 @@ import SimpleITK as sitk
 
 from bench.datasets import DATASETS
 from bench.datasets.base import DatasetError
-from bench.datasets.checks import (CaseSource, Geometry, check_same_grid, label_values, read_image, require_3d,
-                                   warn)
+from bench.datasets.geometry import Geometry, check_same_grid
+from bench.datasets.image_io import read_image
+from bench.datasets.release import CaseSource
+from bench.datasets.validation import label_values, require_3d, warn
 from bench.datasets.segrap2023 import SegRap2023, _read_images
 
 # The organ masks of the training release, one file each (the names of the challenge's Task001).

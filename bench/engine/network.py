@@ -7,9 +7,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-# dataset.json of a network built without a dataset (the phantom's label set: one CT channel, one
+from bench.datasets.base import Dataset
+
+# dataset.json of a network built without a dataset (every dataset's default: one CT channel, one
 # foreground label): the method inventory, perf and tiny test networks.
-ONE_LABEL_DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "lymph_node": 1}}
+ONE_LABEL_DATASET_JSON = {"channel_names": dict(Dataset.channel_names), "labels": dict(Dataset.labels)}
 
 
 def build_network(plans: dict, dataset_json: dict, configuration: str = "3d_fullres",

@@ -62,6 +62,7 @@ class TrainOutcome:
     updated_per_step: Optional[int] = None  # entries one step updates; None: every trainable entry
     batch_size: Optional[int] = None
     patch_size: Optional[List[int]] = None
+    augment: Optional[dict] = None  # the augmentation's record (BenchTrainer.augment_summary); None: none
 
 
 def parameter_keys(plans: dict, dataset_json: dict, configuration: str, arch_override: Optional[dict]) -> List[str]:
@@ -93,9 +94,11 @@ def stop_data_loaders(trainer) -> None:
 
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
                   out_dir: Path, config: TrainConfig, seed: int, device="auto",
-                  log: Callable = print, epoch_callback=None, label: str = "training") -> TrainOutcome:
+                  log: Callable = print, epoch_callback=None, label: str = "training",
+                  augmentation=None) -> TrainOutcome:
     """Preprocess (plan transfer), train with BenchTrainer, export stock weights; ``label`` names the
-    training's progress bar."""
+    training's progress bar. ``augmentation`` (``bench.augment``): a training-data augmentation derived from
+    ``train_ids``, or None."""
     from bench.engine.preprocess import preprocess
     from bench.engine.trainer import BenchTrainer
     from bench.methods.base import MethodContext
@@ -113,7 +116,8 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
                   preprocessed_base=str(base), output_folder=str(out_dir), iterations=config.iterations,
                   eval_every=config.eval_every, lr=config.recipe.lr, weight_decay=config.recipe.weight_decay,
-                  optimizer=config.recipe.optimizer, batch_size=config.batch_size)
+                  optimizer=config.recipe.optimizer, batch_size=config.batch_size, augmentation=augmentation,
+                  log=log)
     scores: List[Dict[str, float]] = []
 
     def _on_epoch(epoch, s):
@@ -159,4 +163,4 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
                         int(trainable), int(total), changed, trainer.load_report, scores,
                         train_steps=trainer.global_step, calibration_passes=trainer.calibration_passes,
                         updated_per_step=updated, batch_size=int(cm.batch_size),
-                        patch_size=[int(v) for v in cm.patch_size])
+                        patch_size=[int(v) for v in cm.patch_size], augment=trainer.augment_summary())

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from bench.augment.base import Augmentation, Normalisation, SupportCase
 from bench.checkpoint import is_head, match_weights
 from bench.engine.step import make_optimizer, training_step
-from bench.methods.base import Method, MethodContext
+from bench.methods.base import Method, MethodContext, TrainStart
 from bench.progress import Task
 
 
@@ -39,12 +41,18 @@ class BenchTrainer(nnUNetTrainer):
         self.epoch_callback: Optional[Callable[[int, Dict[str, float]], None]] = None
         self.load_report: Dict[str, List[str]] = {}
         self.bar = Task("training", None)  # bench.engine.train puts a shown progress task here
+        self.augmentation: Optional[Augmentation] = None
+        self.augment_transform = None
+        self.augment_record: Optional[dict] = None
 
     def setup(self, *, method: Method, ctx: MethodContext, init_state: Optional[Dict[str, torch.Tensor]],
               train_ids: Sequence[str], val_ids: Sequence[str], preprocessed_base: str, output_folder: str,
               iterations: int, eval_every: int, lr: float, weight_decay: float, optimizer: str,
-              batch_size: Optional[int] = None) -> "BenchTrainer":
+              batch_size: Optional[int] = None, augmentation: Optional[Augmentation] = None,
+              log: Callable[[str], None] = print) -> "BenchTrainer":
         self.method, self.ctx, self.init_state = method, ctx, init_state
+        self.log = log  # the augmentation's notes
+        self.augmentation = augmentation
         self._split = (list(train_ids), list(val_ids or train_ids))
         self.preprocessed_dataset_folder_base = str(preprocessed_base)
         self.preprocessed_dataset_folder = join(str(preprocessed_base), self.configuration_manager.data_identifier)
@@ -89,7 +97,7 @@ class BenchTrainer(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        self.method.on_train_start(self)
+        self.method.on_train_start(TrainStart(self.network, self.dataloader_train, self.loss_on_batch, self.device))
         self.global_step = 0
         self.bar.update(completed=self.calibration_passes)  # they come out of the iteration budget
         self._t_start = time.perf_counter()
@@ -98,6 +106,39 @@ class BenchTrainer(nnUNetTrainer):
         # nnU-Net reads num_iterations_per_epoch after this hook: the last epoch is cut to the budget.
         self.num_iterations_per_epoch = min(self.steps_per_epoch, self.total_steps - self.global_step)
         super().on_train_epoch_start()
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's training transforms (a static method there, called on the trainer), preceded by the
+        augmentation's transform: it acts on the cropped patch, before the spatial augmentation."""
+        transforms = nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        if self.augmentation is not None:
+            normalisation = Normalisation.from_plans(self.plans_manager.plans, self.configuration_name)
+            self.augment_transform, record = self.augmentation.training_transform(
+                self._training_cases(), normalisation, self.log)
+            self.augment_record = {"name": self.augmentation.name, **record}
+            if self.augment_transform is not None:
+                transforms.transforms.insert(0, self.augment_transform)
+        return transforms
+
+    def _training_cases(self) -> List[SupportCase]:
+        """The training split as preprocessed (only these: never the tuning or test cases)."""
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, self._split[0])
+        cases = []
+        for key in self._split[0]:
+            data, seg, _, _ = dataset.load_case(key)
+            cases.append(SupportCase(key, np.asarray(data, dtype=np.float32), np.asarray(seg[0])))
+        return cases
+
+    def augment_summary(self) -> Optional[dict]:
+        """The augmentation's record plus what it did: patches seen, nodes inserted, seconds per training step.
+        Counted only where nnU-Net augments in this process (no worker processes); else None."""
+        if self.augment_record is None:
+            return None
+        t = self.augment_transform
+        counted = t is not None and get_allowed_n_proc_DA() == 0 and t.patches > 0
+        return {**self.augment_record,
+                "patches": t.patches if counted else None, "inserted": t.nodes if counted else None,
+                "seconds_per_step": t.seconds / t.patches * self.configuration_manager.batch_size if counted else None}
 
     def plot_network_architecture(self):
         pass  # needs hiddenlayer/graphviz; not part of a benchmark run

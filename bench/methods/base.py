@@ -9,7 +9,7 @@ and returns plain nnU-Net weights (``export``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +27,15 @@ class MethodContext:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TrainStart:
+    """What ``Method.on_train_start`` may use, and nothing else of the trainer: the prepared network,
+    an endless source of training batches (nnU-Net's ``{"data", "target"}`` dicts), the loss of the
+    network on one batch (forward + nnU-Net's loss; the caller calls ``backward``) and the device."""
+    network: nn.Module
+    batches: Iterator[dict]
+    loss_on_batch: Callable[[dict], torch.Tensor]
+    device: torch.device = torch.device("cpu")
 
 
 def encoder_of(network: nn.Module, what: str) -> nn.Module:
@@ -93,8 +102,9 @@ class Method:
     def param_groups(self, network: nn.Module) -> List[dict]:
         return [{"params": [p for p in network.parameters() if p.requires_grad]}]
 
-    def on_train_start(self, trainer) -> None:
-        """Called once with the trainer after data loaders exist (e.g. calibration passes)."""
+    def on_train_start(self, start: TrainStart) -> None:
+        """Called once after ``prepare`` and before the first step, when training batches exist
+        (e.g. calibration passes; each one counts in ``calibration_passes``)."""
 
     def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
         """The cases whose labels training reads: the split's support set (``oracle``: the whole pool)."""

@@ -5,19 +5,25 @@ names of synthetic test data).
 - ``ablation``: DGST's own variants (``dgst-*``); they are not "existing few-shot methods".
 - ``control``: training from scratch (``scratch``; ``scratch-light``: a small specialist network), a floor that shows what the foundation adds; not a competitor.
 - ``reference``: rows that bound the task (zero-shot, oracle): never the leader, never in a test family.
+- ``augmented``: a method trained with a training-data augmentation (row label ``<method>+<label>``, e.g.
+  ``dgst+synth``, ``bench.augment``): a contender of its own, paired with the plain rows, but neither the
+  proposed method nor one of the existing methods its claim is about.
 - ``baseline``: everything else, including names this table does not know: the existing methods a
   claim is made against.
 """
 from __future__ import annotations
 
 PROPOSED = "dgst"
-ROLES = ("proposed", "ablation", "baseline", "control", "reference")
+ROLES = ("proposed", "ablation", "baseline", "control", "reference", "augmented")
+AUGMENTED_SEPARATOR = "+"  # bench.augment.SEPARATOR (not imported: this module stays free of the registries)
 _FIXED = {PROPOSED: "proposed", "scratch": "control", "scratch-light": "control",
           "zero-shot": "reference", "oracle": "reference"}
 
 
 def role(name: str) -> str:
-    """``proposed``, ``ablation``, ``baseline``, ``control`` or ``reference`` for a method name."""
+    """``proposed``, ``ablation``, ``baseline``, ``control``, ``reference`` or ``augmented`` for a row name."""
+    if AUGMENTED_SEPARATOR in name:
+        return "augmented"
     if name in _FIXED:
         return _FIXED[name]
     if name.startswith(PROPOSED + "-"):

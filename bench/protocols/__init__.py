@@ -6,6 +6,9 @@ version file. Each file holds a fixed test set and, for every repeat and every
 shots value, the support case ids and a disjoint tuning-validation set of the
 same size. Supports are nested across shots within a repeat (the 1-shot case is
 in the 3-shot set, which is in the 5-shot set); so are tuning sets.
+
+This package is a leaf: it imports no dataset module (checking a prepared dataset against its protocol is
+``bench.datasets.validation.check_prepared``).
 """
 from __future__ import annotations
 
@@ -13,12 +16,9 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:  # typing only: importing bench.datasets loads every dataset module
-    from bench.datasets.base import Dataset
 
 PROTOCOL_DIR = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
@@ -122,35 +122,6 @@ class Protocol:
                 s, t = set(rep["support"][str(k)]), set(rep["tune"][str(k)])
                 if (s | t) & set(self.test) or s & t:
                     raise ProtocolError(f"{self.path}: repeat {rep['repeat']} shots {k} overlaps test or itself")
-
-
-def check_prepared(dataset: Union[str, "Dataset"], protocol: Union[None, str, Protocol] = None) -> Protocol:
-    """Before training: the dataset is prepared, holds every case the protocol names, and every case
-    whose label a run reads has at least one lymph-node voxel. Returns the protocol."""
-    from bench.datasets import DatasetError, get_dataset
-    ds = get_dataset(dataset) if isinstance(dataset, str) else dataset
-    if not isinstance(protocol, Protocol):
-        protocol = Protocol.load(ds.name, protocol)
-    if not ds.is_prepared():
-        how = " --source DIR" if ds.needs_source else ""
-        raise DatasetError(f"{ds.name} is not prepared (no complete {ds.raw_dir()}): run "
-                           f"`bench datasets prepare {ds.name}{how}`.")
-    protocol.check(ds.case_ids())
-    counts = getattr(ds, "foreground_counts", dict)()   # converters record counts; others: read labels
-    empty = [cid for cid in protocol.label_ids()
-             if (counts[cid] if cid in counts else _foreground_voxels(ds.label_file(cid))) == 0]
-    if empty:
-        raise DatasetError(f"{ds.name}: protocol {protocol.version} uses {', '.join(empty)} as test/support/tuning "
-                           f"case(s) but their labels in {ds.raw_dir() / 'labelsTr'} are empty. Re-prepare from "
-                           "the original release; if the release really has no nodes there, this protocol version "
-                           "cannot be used with it.")
-    return protocol
-
-
-def _foreground_voxels(label_file: str) -> int:
-    import SimpleITK as sitk
-    img = sitk.ReadImage(label_file)   # keep a reference: the array view does not own the buffer
-    return int(np.count_nonzero(sitk.GetArrayViewFromImage(img)))
 
 
 def available_versions(dataset: str) -> List[str]:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from bench.methods import METHODS
-from bench.methods.base import Method, MethodContext, is_head, norm_parameter_names
+from bench.methods.base import Method, MethodContext, TrainStart, is_head, norm_parameter_names
 from bench.methods.dgst.released import released_selection
 from bench.methods.dgst.selection import entries_per_row, mask_from_indices, random_indices, topk_indices
 from bench.methods.penalty import FoundationAnchor
@@ -209,13 +209,13 @@ class DGSTStatic(_SparseUpdateMethod):
     def calibration_passes(self) -> int:
         return int(self.hp["calibration_batches"])  # paid for with as many fewer training steps
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, start: TrainStart) -> None:
         """Accumulate |grad| over a few support batches before training, then fix the masks."""
-        network = trainer.network
+        network = start.network
         scores = {n: torch.zeros_like(p) for n, p in self.sparse.items()}
         for _ in range(int(self.hp["calibration_batches"])):
             network.zero_grad(set_to_none=True)
-            trainer.loss_on_batch(next(trainer.dataloader_train)).backward()
+            start.loss_on_batch(next(start.batches)).backward()
             for n, p in self.sparse.items():
                 if p.grad is not None:
                     scores[n] += p.grad.detach().abs()
