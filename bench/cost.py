@@ -103,7 +103,7 @@ def pruning_bound(trials: int, startup: int) -> float:
 
 def describe(costs: List[CellCost], specs: List, tune_trials: int, device: str) -> List[str]:
     """The summary lines ``--dry-run`` prints after the per-cell list."""
-    from bench.tuning import PRUNER_STARTUP_TRIALS
+    from bench.tuning.bookkeeping import PRUNER_STARTUP_TRIALS
     known = [c for c in costs if c.seconds is not None]
     unknown = [c for c in costs if c.seconds is None]
     hours = sum(c.seconds for c in known) / 3600
