@@ -53,9 +53,10 @@ def provenance(df: pd.DataFrame, dataset: str) -> List[str]:
                                                                  if shas else "") + ".")
     totals = _values(runs, "total_params")
     if totals:
-        # the foundation's network is the smallest export: methods that add modules (adapters) export more
+        # the network most methods export (the foundation's) is named first; methods that add modules
+        # (adapters) export more, a specialist trained from scratch (scratch-light) less
         by_total = runs.groupby("total_params")["method"].unique()
-        base = int(min(totals))
+        base = int(max(totals, key=lambda t: (len(by_total[t]), -t)))
         extra = [f"{int(t):,} for {', '.join(sorted(by_total[t]))}" for t in totals if int(t) != base]
         lines.append(f"Network: {base:,} parameters" + (f" ({'; '.join(extra)})" if extra else "") + ".")
     else:

@@ -27,6 +27,16 @@ class CheckpointError(ValueError):
     """A checkpoint that is refused: the message names the file (or layer), what is wrong and the fix."""
 
 
+class PartialState(dict):
+    """A foundation state dict that covers only part of the network (e.g. a self-supervised encoder and
+    stem): tensors under ``fresh_prefixes`` that it lacks keep the network's own initialisation instead of
+    being a mismatch. ``why`` says what the checkpoint holds, for the load report."""
+
+    def __init__(self, state: Dict[str, torch.Tensor], fresh_prefixes: Sequence[str], why: str):
+        super().__init__(state)
+        self.fresh_prefixes, self.why = tuple(fresh_prefixes), why
+
+
 def _multiarray():
     try:
         from numpy._core import multiarray  # numpy >= 2
@@ -99,8 +109,13 @@ def strip_prefixes(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tens
     return out, notes
 
 
-def _is_head(key: str) -> bool:
-    return ".seg_layers." in key
+# Segmentation heads by state-dict key: nnU-Net's decoders keep every deep-supervision output in
+# ``seg_layers``; MONAI's SwinUNETR (bench.architectures.swin_unetr) has one output block, ``out``.
+HEAD_PATTERN = re.compile(r"(^|\.)seg_layers\.|^out\.conv\.")
+
+
+def is_head(key: str) -> bool:
+    return HEAD_PATTERN.search(key) is not None
 
 
 def _channel_mismatch(key: str, own: Sequence[int], theirs: Sequence[int]) -> bool:
@@ -110,16 +125,18 @@ def _channel_mismatch(key: str, own: Sequence[int], theirs: Sequence[int]) -> bo
 
 
 def match_weights(own: Dict[str, Sequence[int]], state: Dict[str, torch.Tensor]) -> Tuple[List[str], List[str]]:
-    """(keys loaded from ``state``, segmentation-head keys re-initialised) for a network whose state-dict
-    shapes are ``own``. Heads load when their shape matches (same label set); any other mismatch is refused,
-    an input-channel mismatch of the first layer by name."""
+    """(keys loaded from ``state``, keys re-initialised) for a network whose state-dict shapes are ``own``.
+    Heads load when their shape matches (same label set); tensors a ``PartialState`` leaves out under its
+    fresh prefixes are re-initialised too; any other mismatch is refused, an input-channel mismatch of the
+    first layer by name."""
     loaded, reinit, mismatched = [], [], []
     first = next(iter(own), None)
+    fresh = getattr(state, "fresh_prefixes", ())
     for key, shape in own.items():
         src = state.get(key)
         if src is not None and tuple(src.shape) == tuple(shape):
             loaded.append(key)
-        elif _is_head(key):
+        elif is_head(key) or (src is None and key.startswith(fresh)):
             reinit.append(key)
         elif src is not None and key == first and _channel_mismatch(key, shape, src.shape):
             raise CheckpointError(

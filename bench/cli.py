@@ -21,7 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in sorted(pkgutil.iter_modules(bench.commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"bench.commands.{mod.name}").register(sub)
+    _add_quiet(parser, default=False)
     return parser
+
+
+def _add_quiet(parser: argparse.ArgumentParser, default) -> None:
+    """``-q/--quiet`` before or after any (sub-)command name: ``bench -q run ...`` = ``bench run -q ...``."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars or progress lines (results and messages are still printed)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_quiet(child, default=argparse.SUPPRESS)  # not given there: keep the outer value
 
 
 def main(argv=None) -> int:
@@ -33,9 +44,11 @@ def main(argv=None) -> int:
     from bench.datasets.base import DatasetError
     from bench.protocols import ProtocolError
     from bench.registry import UnknownNameError
+    from bench import progress
     try:
-        return int(args.func(args) or 0)
-    except (UnknownNameError, DatasetError, ProtocolError, FileNotFoundError, ValueError) as e:
+        with progress.settings(quiet=args.quiet):
+            return int(args.func(args) or 0)
+    except (UnknownNameError, DatasetError, ProtocolError, FileNotFoundError, ValueError, ConnectionError) as e:
         print(f"bench {args.command}: error: {e}", file=sys.stderr)
         return 2
 

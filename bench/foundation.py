@@ -2,7 +2,9 @@
 
 A foundation folder is nnU-Net's trained-model layout: ``plans.json``,
 ``dataset.json`` and ``fold_<k>/checkpoint_final.pth`` (a folder holding the
-checkpoint next to the json files also works).
+checkpoint next to the json files also works). An nnU-Net v1 STU-Net checkpoint
+(``<name>.model`` with its ``.model.pkl``) is converted to such a folder once
+(``bench.stunet``, cached under ``$BENCH_HOME/foundations/converted``).
 
 The phantom foundation ships with the package (``bench/pretrained/<recipe name>/``:
 weights only, its recipe, the command that rebuilt it and its Dice on held-out
@@ -20,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from bench import progress
 from bench.checkpoint import load_checkpoint, match_weights, strip_prefixes
 from bench.home import subdir
 
@@ -51,33 +54,56 @@ class Foundation:
     load_notes: List[str] = field(default_factory=list)  # what loading changed (prefixes stripped)
 
 
-def _find_checkpoint(folder: Path) -> Path:
-    direct = folder / CHECKPOINT
+def _find_checkpoint(path: Path) -> Path:
+    """The checkpoint a foundation path names: the file itself, or the folder's (first fold's)."""
+    if path.is_file():
+        return path
+    direct = path / CHECKPOINT
     if direct.is_file():
         return direct
-    folds = sorted(folder.glob(f"fold_*/{CHECKPOINT}"))
+    folds = sorted(path.glob(f"fold_*/{CHECKPOINT}"))
     if not folds:
-        raise FileNotFoundError(f"{folder}: no {CHECKPOINT} (expected nnU-Net's trained-model folder with "
-                                f"plans.json, dataset.json and fold_0/{CHECKPOINT})")
+        raise FileNotFoundError(f"{path}: no {CHECKPOINT} (expected nnU-Net's trained-model folder with "
+                                f"plans.json, dataset.json and fold_0/{CHECKPOINT}, or a checkpoint file)")
     return folds[0]
 
 
+def foundation_name(path: Path) -> str:
+    """A folder's name; for a checkpoint file, the folder holding it (releases name the folder)."""
+    return path.parent.name if path.is_file() else path.name
+
+
+def foundation_folder(path) -> Path:
+    """The model path a ``--foundation`` path names: the folder or checkpoint file itself, or for an nnU-Net
+    v1 STU-Net checkpoint (``<name>.model`` next to ``<name>.model.pkl``) its converted v2 folder
+    (``bench.stunet``)."""
+    from bench.stunet import converted_folder, is_v1_checkpoint
+    path = Path(path).expanduser().resolve()
+    return converted_folder(path) if is_v1_checkpoint(path) else path
+
+
 def load_foundation(folder) -> Foundation:
-    folder = Path(folder).expanduser().resolve()
+    """An nnU-Net trained-model folder (any trainer: the plans say the architecture), a v1 STU-Net checkpoint
+    (converted once), or a self-supervised nnssl checkpoint file (``bench.foundation_nnssl``: encoder and
+    stem only)."""
+    folder = foundation_folder(folder)
     ckpt_path = _find_checkpoint(folder)
+    ckpt = load_checkpoint(ckpt_path)
+    from bench.foundation_nnssl import ADAPTATION_PLAN, nnssl_foundation
+    if ADAPTATION_PLAN in ckpt:
+        return nnssl_foundation(ckpt_path, ckpt, foundation_name(folder))
     for base in (ckpt_path.parent, ckpt_path.parent.parent):
         if (base / "plans.json").is_file() and (base / "dataset.json").is_file():
             break
     else:
         raise FileNotFoundError(f"{folder}: plans.json and dataset.json not found next to {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path)
     if "network_weights" not in ckpt:
         raise ValueError(f"{ckpt_path}: not an nnU-Net checkpoint (no 'network_weights')")
     plans = json.loads((base / "plans.json").read_text())
     configuration = ckpt.get("init_args", {}).get("configuration") or next(iter(plans["configurations"]))
     state, notes = strip_prefixes(ckpt["network_weights"])
     mirror = ckpt.get("inference_allowed_mirroring_axes")
-    return Foundation(name=folder.name, folder=folder, plans=plans,
+    return Foundation(name=foundation_name(folder), folder=folder, plans=plans,
                       dataset_json=json.loads((base / "dataset.json").read_text()),
                       configuration=configuration, state_dict=state,
                       mirror_axes=tuple(mirror) if mirror is not None else None,
@@ -180,7 +206,8 @@ def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=pr
     outcome = train_network(dataset=source, plans=plans, dataset_json=dataset_json, configuration="3d_fullres",
                             method=get_method("full"), init_state=None,
                             train_ids=train_ids, val_ids=val_ids, out_dir=tmp / "training",
-                            config=pretraining_config(recipe), seed=recipe.get("seed", 0), device=device, log=log)
+                            config=pretraining_config(recipe), seed=recipe.get("seed", 0), device=device, log=log,
+                            label=f"pretraining {recipe['name']}")
     save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None)
     info = {"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
             "pretrain_ids": train_ids, "val_ids": val_ids, "train_seconds": round(outcome.train_seconds, 1),
@@ -204,7 +231,7 @@ def source_dice(folder: Path, source, case_ids, device: str = "auto") -> Dict[st
     f = load_foundation(folder)
     predictor = make_predictor(f.plans, f.dataset_json, f.configuration, f.state_dict, resolve_device(device))
     out = {}
-    for cid in case_ids:
+    for cid in progress.track(case_ids, "scoring on source cases"):
         seg, spacing = predict_case(predictor, source.image_files(cid))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(source.label_file(cid)))
         out[cid] = round(float(case_metrics(seg > 0, ref > 0, spacing)["dice"]), 6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import List
 
-from bench.checkpoint import CheckpointError
+from bench.checkpoint import CheckpointError, is_head
 from bench.foundation import Foundation, target_load_report
 
 PERCENTILES = ("percentile_00_5", "percentile_99_5")
@@ -35,12 +35,19 @@ def _target_lines(foundation: Foundation, target_name: str, target_json: dict) -
     except CheckpointError as e:
         return [head, f"  refused: {e}"]
     n = len(report["loaded"])
+    heads = [k for k in report["reinitialised"] if is_head(k)]
+    fresh = [k for k in report["reinitialised"] if not is_head(k)]
+    lines = [head]
     if not report["reinitialised"]:
         same = foundation.dataset_json["labels"] == target_json["labels"]
-        return [head, f"  all {n} state-dict tensors loaded, segmentation heads included"
-                      + (" (label set matches)" if same else " (same number of labels, other names: check them)")]
-    return [head, f"  {n} state-dict tensors loaded; re-initialised (label set differs): "
-                  + ", ".join(report["reinitialised"])]
+        return lines + [f"  all {n} state-dict tensors loaded, segmentation heads included"
+                        + (" (label set matches)" if same else " (same number of labels, other names: check them)")]
+    lines.append(f"  {n} state-dict tensors loaded" + ("; re-initialised (label set differs): " + ", ".join(heads)
+                                                       if heads else ""))
+    if fresh:
+        lines.append(f"  initialised fresh (not in the checkpoint): {len(fresh)} tensors: "
+                     + ", ".join(fresh[:6]) + (" ..." if len(fresh) > 6 else ""))
+    return lines
 
 
 def describe(foundation: Foundation, target_name: str, target_json: dict) -> str:

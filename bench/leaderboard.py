@@ -1,4 +1,4 @@
-"""Leaderboards: ``leaderboards/<dataset>.{md,csv,png}``, generated, never edited by hand.
+"""Leaderboards: ``leaderboards/<dataset>.{md,csv,png,html}``, generated, never edited by hand.
 
 Per dataset and shots, methods are ranked by mean Dice over the paired repeat x case grid, with a 95 %
 crossed t CI (``bench.stats``: both test cases and support draws are random). Reference rows (role
@@ -8,7 +8,10 @@ significantly worse than the leader by the crossed t test, Holm-corrected over *
 non-reference methods: the leader is chosen from the data, so only a family that covers every pair
 holds its error rate whichever method leads (``tests/test_calibration.py``). NSD, HD95 and lesion F1
 are means over the same blocks; trainable, changed parameters, train seconds and peak memory are
-means over runs. The caption says what produced the table (``bench.captions.provenance``).
+means over runs. Forgetting and false positives on node-free scans (``bench evaluate``) are means over
+the evaluated runs (``bench.evaluation.summary``), ``—`` where none was. The caption says what produced the
+table (``bench.captions.provenance``). A multi-label task is ranked on the per-case mean Dice over its labels
+(``bench.stats.mean_over_labels``); columns ``dice[<label>]`` add each label's mean Dice over the same blocks.
 
 Byte-for-byte reproducible: fixed seed, sorted rows, fixed number formats, no timestamps, PNGs without
 software metadata.
@@ -16,7 +19,7 @@ software metadata.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import pandas as pd
@@ -24,14 +27,18 @@ import pandas as pd
 from bench.figures import palette, save_figure  # first: selects the Agg backend
 import matplotlib.pyplot as plt  # noqa: E402
 from bench.captions import provenance  # noqa: E402
+from bench.evaluation import summary as extra_eval  # noqa: E402
 from bench.formatting import fmt, fmt_ci, markdown_table, p_text  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
-from bench.stats import ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, paired_table, summary  # noqa: E402
+from bench.stats import (ALPHA, MIN_REPEATS_FOR_FAMILIES, N_BOOT, all_pairs, labels_of, paired_table,  # noqa: E402
+                         summary)
 
 LEADER, WORSE, REFERENCE_ROW = "leader", "*", "reference"
+DICE_COLUMN = "Dice [95% CI]"
 COLUMNS = ["shots", "rank", "method", "role", "marker", "dice_mean", "dice_lo", "dice_hi", "p_vs_leader_holm",
            "nsd", "nsd_tol_mm", "hd95", "lesion_f1", "lesion_f1_any", "trainable_params", "updated_per_step", "changed_params", "train_seconds",
-           "peak_memory_mb", "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source"]
+           "peak_memory_mb", "empty_pred", "repeats", "cases", "protocol_version", "iterations", "params_source",
+           *extra_eval.LEADERBOARD_COLUMNS]
 
 
 def leader_tests(paired, ranked: List[str], alpha: float = ALPHA) -> pd.DataFrame:
@@ -91,11 +98,15 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
         listed = runs.groupby("method")[["protocol_version", "params_source"]].agg(lambda v: ",".join(sorted(set(v))))
         budget = runs.groupby("method")["iterations"].agg(
             lambda v: ",".join(str(int(x)) for x in sorted(set(v.dropna()))) or "n/a")
+        if len(labels_of(rows)) > 1:   # several labels: each one's mean Dice on the same blocks
+            per_label = rows.pivot_table(index="method", columns="label", values="dice", aggfunc="mean")
+            per_case = per_case.join(per_label.rename(columns=lambda c: f"dice[{c}]"))
         tables.append(t.join(per_case, on="method").join(per_run, on="method").join(listed, on="method")
-                      .join(budget, on="method"))
+                      .join(budget, on="method").join(extra_eval.leaderboard_columns(runs, rows), on="method"))
     if not tables:
         raise ValueError(f"no results for dataset {dataset!r}")
-    out = pd.concat(tables, ignore_index=True)[COLUMNS]
+    out = pd.concat(tables, ignore_index=True)
+    out = out[COLUMNS + sorted(c for c in out.columns if c.startswith("dice["))]
     for c in ("trainable_params", "updated_per_step", "changed_params"):
         out[c] = out[c].astype(float)
     out["empty_pred"] = out["empty_pred"].astype("Int64")
@@ -103,18 +114,31 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
 
 
 def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N_BOOT,
-                       seed: int = 0) -> List[Path]:
-    """Write ``<dataset>.md``, ``.csv`` and ``.png`` for every dataset in ``df``; returns the paths."""
+                       seed: int = 0, reports=None) -> List[Path]:
+    """Write ``<dataset>.md``, ``.csv``, ``.png`` and ``.html`` for every dataset in ``df``; returns the
+    paths. The HTML page embeds the figures of ``<reports>/<dataset>-report/`` (a ``bench report``
+    directory; ``reports`` defaults to ``out_dir``) when there is one; one made from other results is
+    refused before that dataset's files are written."""
+    from bench.leaderboard_html import Figure, check_report, report_figures, write_page
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for dataset in sorted(df["dataset"].unique()):
         table = leaderboard_table(df, dataset, n_boot=n_boot, seed=seed)
+        report = Path(reports if reports is not None else out_dir) / f"{dataset}-report"
+        from_report = []
+        if (report / "report.md").is_file():  # its figures go into the page: refused if made from other results
+            check_report(report, table, dataset)
+            from_report = report_figures(report, dataset)
         csv = out_dir / f"{dataset}.csv"
         table.to_csv(csv, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
         md = out_dir / f"{dataset}.md"
-        md.write_text(_markdown(table, dataset, provenance(df, dataset)))
-        written += [md, csv, _figure(table, dataset, out_dir / f"{dataset}.png")]
+        caption = provenance(df, dataset)
+        md.write_text(_markdown(table, dataset, caption))
+        png = _figure(table, dataset, out_dir / f"{dataset}.png")
+        figures = [Figure(png, f"Mean Dice with its 95% CI per method and shots, {dataset}", None), *from_report]
+        written += [md, csv, png, write_page(table, dataset, caption, figures, out_dir / f"{dataset}.html")]
     return written
 
 
@@ -122,53 +146,83 @@ def _count(v) -> str:
     return "n/a" if pd.isna(v) else f"{v:,.0f}"
 
 
-def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
+HEADER = "Generated by `bench leaderboard` from `leaderboards/results.csv`; do not edit by hand."
+
+
+def legend(table: pd.DataFrame) -> str:
+    """What the columns and markers mean (Markdown inline code in backticks); the same on every page."""
     tolerances = sorted(set(table.nsd_tol_mm.dropna()))
     nsd_at = f"at {', '.join(f'{t:g}' for t in tolerances)} mm" if tolerances else "(tolerance not recorded)"
-    lines = [f"# Leaderboard: {dataset}", "",
-             "Generated by `bench leaderboard` from `leaderboards/results.csv`; do not edit by hand.", "",
-             *[f"- {line}" for line in caption], "",
-             "Dice: mean over the repeat x test case grid that every method has, with a 95 % CI from the crossed "
-             "random-effects t procedure of `bench/stats.py` (test cases and support draws both random, so the "
-             f"interval and the tests generalise to new cases and new support sets; clipped to [0, 1]). `{LEADER}`: highest mean Dice "
-             f"among the non-reference methods; `{WORSE}`: significantly worse than the leader (crossed t test, "
-             f"Holm-corrected over all pairs of non-reference methods, p < {ALPHA}); `{REFERENCE_ROW}`: a bound on "
-             "the task (zero-shot, oracle), never the leader nor tested. Role: `proposed` (DGST), `ablation` "
-             "(DGST's variants), `baseline` (the existing methods the claim is about), `control` (from scratch). "
-             f"NSD {nsd_at}, HD95 in mm and lesion F1 (one-to-one matching; `any`: the any-overlap rule) are "
-             "means over the same blocks; "
-             "`empty pred`: blocks whose prediction was empty (scored by the empty-mask rules). Trainable: "
-             "parameters the method lets the optimizer update; updated per step: entries a step may change (DGST "
-             "selects a few per kernel); changed: entries that differ from the foundation after training (what "
-             "the method actually updated in total); these, training time and peak memory are means over runs.",
-             ""]
+    return ("Dice: mean over the repeat x test case grid that every method has, with a 95 % CI from the crossed "
+            "random-effects t procedure of `bench/stats.py` (test cases and support draws both random, so the "
+            f"interval and the tests generalise to new cases and new support sets; clipped to [0, 1]). `{LEADER}`: highest mean Dice "
+            f"among the non-reference methods; `{WORSE}`: significantly worse than the leader (crossed t test, "
+            f"Holm-corrected over all pairs of non-reference methods, p < {ALPHA}); `{REFERENCE_ROW}`: a bound on "
+            "the task (zero-shot, oracle), never the leader nor tested. Role: `proposed` (DGST), `ablation` "
+            "(DGST's variants), `baseline` (the existing methods the claim is about), `control` (from scratch). "
+            f"NSD {nsd_at}, HD95 in mm and lesion F1 (one-to-one matching; `any`: the any-overlap rule) are "
+            "means over the same blocks; "
+            "`empty pred`: blocks whose prediction was empty (scored by the empty-mask rules). Trainable: "
+            "parameters the method lets the optimizer update; updated per step: entries a step may change (DGST "
+            "selects a few per kernel); changed: entries that differ from the foundation after training (what "
+            "the method actually updated in total); these, training time and peak memory are means over runs. "
+            + extra_eval.MARKDOWN_NOTE + _labels_legend(table))
+
+
+def _labels_legend(table: pd.DataFrame) -> str:
+    labels = [c[5:-1] for c in table.columns if c.startswith("dice[")]
+    if not labels:
+        return ""
+    return (f" Several labels ({', '.join(labels)}): Dice is the per-case mean over them, one block per case "
+            "(labels are never counted as cases); `Dice <label>` columns give each label's mean over the same "
+            "blocks (per-label tests: `bench report`); `empty pred` counts (case, label) pairs.")
+
+
+def shots_note(t: pd.DataFrame) -> Optional[str]:
+    """Why one shots' table has no markers, if it has none by design."""
+    if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:
+        return (f"No `{WORSE}` markers: {t.repeats.min()} support repeats are too few for a family of tests "
+                f"to hold its error rate (at least {MIN_REPEATS_FOR_FAMILIES}; `tests/test_calibration.py`).")
+    return None
+
+
+def shown_columns(t: pd.DataFrame) -> pd.DataFrame:
+    """One shots' rows as the pages show them: formatted cells, one column per shown quantity (the
+    Markdown table and the HTML page both render this frame, so a column added here appears in both)."""
+    return pd.DataFrame({
+        "rank": t["rank"].map(lambda r: "-" if pd.isna(r) else str(r)),
+        "method": t.method,
+        "role": t.role,
+        DICE_COLUMN: [fmt_ci(*r) for r in t[["dice_mean", "dice_lo", "dice_hi"]].values],
+        **{f"Dice {c[5:-1]}": t[c].map(fmt) for c in t.columns if c.startswith("dice[")},
+        "vs leader": [f"{m} ({p_text(p)})" if m == WORSE else m
+                      for m, p in t[["marker", "p_vs_leader_holm"]].values],
+        "NSD": t.nsd.map(fmt),
+        "HD95 (mm)": t.hd95.map(lambda v: fmt(v, 2)),
+        "lesion F1": t.lesion_f1.map(fmt),
+        "lesion F1 any": t.lesion_f1_any.map(fmt),
+        "empty pred": t.empty_pred.map(lambda v: "n/a" if pd.isna(v) else str(v)),
+        "trainable params": t.trainable_params.map(_count),
+        "updated per step": t.updated_per_step.map(_count),
+        "changed params": t.changed_params.map(_count),
+        "train s": t.train_seconds.map(lambda v: fmt(v, 1)),
+        "peak MB": t.peak_memory_mb.map(lambda v: fmt(v, 0)),
+        "repeats x cases": [f"{r} x {c}" for r, c in t[["repeats", "cases"]].values],
+        "protocol": t.protocol_version,
+        "iterations": t.iterations,
+        "hyper-parameters": t.params_source,
+        **extra_eval.markdown_columns(t)})
+
+
+def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
+    lines = [f"# Leaderboard: {dataset}", "", HEADER, "", *[f"- {line}" for line in caption], "",
+             legend(table), ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", ""]
-        if t.repeats.min() < MIN_REPEATS_FOR_FAMILIES:
-            lines += [f"No `{WORSE}` markers: {t.repeats.min()} support repeats are too few for a family of tests "
-                      f"to hold its error rate (at least {MIN_REPEATS_FOR_FAMILIES}; `tests/test_calibration.py`).",
-                      ""]
-        lines += [markdown_table(pd.DataFrame({
-            "rank": t["rank"].map(lambda r: "-" if pd.isna(r) else str(r)),
-            "method": t.method,
-            "role": t.role,
-            "Dice [95% CI]": [fmt_ci(*r) for r in t[["dice_mean", "dice_lo", "dice_hi"]].values],
-            "vs leader": [f"{m} ({p_text(p)})" if m == WORSE else m
-                          for m, p in t[["marker", "p_vs_leader_holm"]].values],
-            "NSD": t.nsd.map(fmt),
-            "HD95 (mm)": t.hd95.map(lambda v: fmt(v, 2)),
-            "lesion F1": t.lesion_f1.map(fmt),
-            "lesion F1 any": t.lesion_f1_any.map(fmt),
-            "empty pred": t.empty_pred.map(lambda v: "n/a" if pd.isna(v) else str(v)),
-            "trainable params": t.trainable_params.map(_count),
-            "updated per step": t.updated_per_step.map(_count),
-            "changed params": t.changed_params.map(_count),
-            "train s": t.train_seconds.map(lambda v: fmt(v, 1)),
-            "peak MB": t.peak_memory_mb.map(lambda v: fmt(v, 0)),
-            "repeats x cases": [f"{r} x {c}" for r, c in t[["repeats", "cases"]].values],
-            "protocol": t.protocol_version,
-            "iterations": t.iterations,
-            "hyper-parameters": t.params_source})), ""]
+        note = shots_note(t)
+        if note:
+            lines += [note, ""]
+        lines += [markdown_table(shown_columns(t)), ""]
     return "\n".join(lines)
 
 

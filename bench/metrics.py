@@ -76,17 +76,31 @@ both empty         1      1            0                      1 / 1 / 1
 exactly one empty  0      0            ``worst_distance_mm``  0 / 0 / 0
 =================  =====  ===========  =====================  ===========================
 
+Several labels (``score_labels``): a task with several foreground labels (nodes and organs) is scored one
+label at a time, each label's voxels against everything else, with the columns and the empty-mask rules
+above *per label*: a label absent from both the reference and the prediction of a case scores Dice 1
+there, a label missed entirely Dice 0. A case then has one row per label (``label``: its name in the
+dataset's ``labels``); a case's overall score is the mean over its labels (``mean_over_labels``), which is
+what comparisons pair on (``bench.stats``). A single-label task keeps one row per case, without ``label``.
+
 ``worst_distance_mm`` defaults to the diagonal of the volume's extent
 (``sqrt(sum((shape * spacing)**2))``), the largest distance two voxels of the
 volume can have. Lesion rules with a zero denominator: precision is 1 if there
 are no reference lesions and no predicted components, else 0; recall likewise.
 The counts are exact: an empty prediction has FN = the number of reference
 lesions, an empty reference FP = the number of predicted components.
+
+Node-free scans (``nodefree_metrics``; scans with no node to find, scored
+apart from the test set, ``bench/evaluation``): every predicted 26-connected
+component is a false positive. ``fp_components`` counts them, ``fp_ml`` is the
+predicted volume in ml; an empty prediction scores 0 and 0, never NaN. These
+are ``lesion_fp`` and ``vol_pred_ml`` of ``case_metrics`` against an empty
+reference, without the distance and overlap columns that mean nothing there.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -189,6 +203,59 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     out["vol_pred_ml"] = n_pred * voxel_ml
     out["vol_ref_ml"] = n_ref * voxel_ml
     return {k: out[k] for k in METRICS}
+
+
+NODEFREE_METRICS = ("fp_components", "fp_ml")
+
+
+def nodefree_metrics(pred: np.ndarray, spacing: Sequence[float]) -> dict:
+    """False positives of a prediction on a scan with nothing to find (module docstring)."""
+    pred = np.asarray(pred) != 0
+    spacing = tuple(float(s) for s in spacing)
+    if pred.ndim != 3 or len(spacing) != 3 or not min(spacing) > 0:
+        raise ValueError(f"expected a 3D prediction and three positive spacings (mm), got shape {pred.shape} "
+                         f"and spacing {spacing}")
+    comp = lesion_components(pred, np.zeros_like(pred))
+    return {"fp_components": comp.n_pred,
+            "fp_ml": int(pred.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000.0}
+
+
+def foreground_labels(dataset_json: Mapping) -> Dict[str, int]:
+    """Name -> value of every foreground label of an nnU-Net ``dataset.json`` (``labels``), in value order."""
+    labels = {str(k): int(v) for k, v in dataset_json["labels"].items() if not isinstance(v, (list, tuple))}
+    return dict(sorted(((k, v) for k, v in labels.items() if v != 0), key=lambda kv: kv[1]))
+
+
+def score_labels(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: Mapping[str, int],
+                 **kw) -> List[dict]:
+    """Metric rows of one case: one row (no ``label``) for a single foreground label, as ``case_metrics``
+    on non-zero voxels; else one row per label, ``label`` first, each label's voxels against the rest."""
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if len(labels) <= 1:
+        return [case_metrics(pred != 0, ref != 0, spacing, **kw)]
+    return [{"label": name, **case_metrics(pred == value, ref == value, spacing, **kw)}
+            for name, value in labels.items()]
+
+
+def mean_over_labels(rows: Sequence[Mapping]) -> List[dict]:
+    """One row per ``case_id`` from rows of (case, label): every metric's mean over the case's labels."""
+    by_case: Dict[str, List[Mapping]] = {}
+    for r in rows:
+        by_case.setdefault(r["case_id"], []).append(r)
+    return [{"case_id": cid, **{k: float(np.mean([r[k] for r in rs])) for k in METRICS}}
+            for cid, rs in by_case.items()]
+
+
+def run_summary(cases: Sequence[Mapping]) -> dict:
+    """A run's summary: ``<metric>_mean`` over cases of the per-case mean over labels, ``dice_median``; with
+    several labels also ``label.<name>.<metric>_mean`` per label."""
+    per_case = mean_over_labels(cases)
+    out = {f"{k}_mean": float(np.mean([c[k] for c in per_case])) for k in METRICS}
+    out["dice_median"] = float(np.median([c["dice"] for c in per_case]))
+    for name in dict.fromkeys(c["label"] for c in cases if "label" in c):
+        rows = [c for c in cases if c.get("label") == name]
+        out.update({f"label.{name}.{k}_mean": float(np.mean([c[k] for c in rows])) for k in METRICS})
+    return out
 
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray,

@@ -53,10 +53,23 @@ def quiet(source: str = "nnU-Net", stdout: bool = True):
             sink.flush()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each record: a live progress display (``bench.progress``)
+    replaces it for the time it runs, so lines scroll above the bars."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def show_third_party(stream=None) -> None:
     """``--verbose``: print what ``quiet()`` captured (to stderr, apart from the suite's results)."""
     if not any(getattr(h, "_bench_verbose", False) for h in LOGGER.handlers):
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = logging.StreamHandler(stream) if stream else _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._bench_verbose = True
         LOGGER.addHandler(handler)

@@ -4,11 +4,17 @@ For every dataset and shots it runs ``bench.stats.analyse`` on Dice and writes
 the tables (Markdown in the report, CSV under ``tables/``) and figures (PNG
 under ``figures/``): Dice per method (box + points), Dice versus shots with
 crossed t CIs (reference rows dashed), the Nemenyi critical-difference diagram
-and a heatmap of Holm-corrected pairwise crossed t p-values. The paper's claim
+and a heatmap of Holm-corrected pairwise crossed t p-values. Runs evaluated by
+``bench evaluate`` add target Dice versus forgetting and a false-positive
+table per dataset (``bench.evaluation.summary``). The paper's claim
 is Holm-corrected across every (dataset x shots) check of the report. Each
 dataset's section opens with what produced its results (``provenance``). Same
 input, same files: seeds are fixed, no timestamps, and PNGs carry no software
 metadata.
+
+A multi-label task (nodes and organs, ``label`` in the results table) is reported on the per-case mean
+Dice over labels (the figures and every test above), then label by label: each label's mean Dice with its
+crossed t CI, and the per-label comparisons as one Holm family of their own (``bench.stats.per_label``).
 """
 from __future__ import annotations
 
@@ -25,9 +31,11 @@ import seaborn as sns  # noqa: E402
 
 from bench.captions import is_synthetic, provenance  # noqa: E402
 from bench.formatting import fmt, fmt_ci, fmt_p, markdown_table, p_text  # noqa: E402
+from bench.evaluation.summary import report_lines as extra_report_lines  # noqa: E402
 from bench.methods.roles import role  # noqa: E402
 
-from bench.stats import ALPHA, CLAIM_MARGIN, N_BOOT, REFERENCE, Analysis, analyse, claim_family  # noqa: E402
+from bench.stats import (ALPHA, CLAIM_MARGIN, N_BOOT, REFERENCE, Analysis, analyse, claim_family,  # noqa: E402
+                         labels_of, paired_table, per_label, summary)
 
 CSV_FLOAT = "%.6g"
 
@@ -70,11 +78,13 @@ def write_report(df: pd.DataFrame, out_dir, dataset: Optional[str] = None, refer
     for ds in datasets:
         sub = df[df["dataset"] == ds]
         lines += [f"## {ds}", "", *[f"- {line}" for line in provenance(df, ds)], ""]
-        for fig_path, caption in _dataset_figures(sub, analyses[ds], out_dir / "figures", ds, seed):
+        for fig_path, caption in _dataset_figures(_case_means(sub), analyses[ds], out_dir / "figures", ds, seed):
             lines += [f"![{caption}](figures/{fig_path.name})", ""]
         for shots, a in analyses[ds].items():
             lines += _section(a, out_dir, reference)
+            lines += _label_section(sub, ds, shots, out_dir, reference, n_boot, seed)
             metrics.update(_key_numbers(a))
+        lines += extra_report_lines(sub, out_dir / "figures", out_dir / "tables", ds)  # only if evaluated
     report = out_dir / "report.md"
     report.write_text("\n".join(lines).rstrip() + "\n")
     if tracking:
@@ -169,6 +179,39 @@ def _section(a: Analysis, out_dir: Path, reference: str) -> List[str]:
     if a.claim:
         _csv(pd.DataFrame([a.claim]), out_dir, tag, "claim")
         lines += ["**Paper claim**", "", a.claim["verdict"], ""]
+    return lines
+
+
+def _case_means(sub: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, shots, repeat, case): Dice averaged over the case's labels."""
+    if len(labels_of(sub)) <= 1:
+        return sub
+    return sub.groupby(["method", "shots", "repeat", "case_id"], as_index=False)["dice"].mean()
+
+
+def _label_section(sub: pd.DataFrame, ds: str, shots: int, out_dir: Path, reference: str, n_boot: int,
+                   seed: int) -> List[str]:
+    """Per-label Dice and comparisons of a multi-label task; nothing for a single label."""
+    labels = labels_of(sub[sub["shots"] == shots])
+    if len(labels) <= 1:
+        return []
+    tag = f"{ds}_{shots}shot"
+    means = pd.concat([summary(paired_table(sub, ds, shots, label=name), n_boot=n_boot, seed=seed).assign(label=name)
+                       for name in labels], ignore_index=True)
+    _csv(means, out_dir, tag, "per_label_summary")
+    wide = means.assign(ci=_cis(means, "mean", "mean_lo", "mean_hi")).pivot(index="method", columns="label",
+                                                                             values="ci")
+    lines = [f"**Dice per label** ({', '.join(labels)}; the tables above use the per-case mean over them)", "",
+             markdown_table(wide[labels].reset_index()), ""]
+    tests = per_label(sub, ds, shots, reference=reference)
+    _csv(tests, out_dir, tag, "per_label_tests")
+    lines += ["**Per-label comparisons** (difference = a - b; crossed t tests on each label's values, Holm over "
+              f"the {len(tests)} label x comparison tests, a family apart from the mean's)", "",
+              markdown_table(pd.DataFrame({
+                  "label": tests.label, "a": tests.a, "b": tests.b,
+                  "mean diff [95% CI]": _cis(tests, "mean_diff", "diff_lo", "diff_hi"),
+                  "crossed t p (Holm)": [f"{fmt_p(p)} ({fmt_p(h)})" for p, h in tests[["p", "p_holm"]].to_numpy()]})),
+              ""]
     return lines
 
 

@@ -6,12 +6,17 @@ Results evaluated on the tuning split (``"evaluated": "tune"``) are skipped:
 only test-set results are compared. Each row carries its training budget
 (``iterations``) and where its hyper-parameters came from (``params_source``:
 ``default`` or the Optuna study); ``load_results(..., iterations=N)`` keeps one
-budget. Each row also carries its provenance: foundation name and checkpoint
-sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
+budget. A multi-label task (result schema 3) has one row per (test case, label), ``label`` naming it;
+single-label results have ``label`` = ``SINGLE_LABEL``. Statistics pair on the per-case mean over labels
+(``bench.stats``), never on (case, label) rows as if they were cases. Each row also carries its
+provenance: foundation name and checkpoint sha256, protocol version, optimizer, lr, weight decay, batch and patch size,
 seed, hyper-parameters, code version and git commit, package versions, device.
 A cell is (dataset, method, shots, repeat) of one foundation checkpoint and one
 protocol version (``RUN_KEY``); when several sources hold the same cell, the
 newest file (by modification time) wins and a warning names the files involved.
+Each row also carries its run's auxiliary evaluations (``extra_eval.json``, ``bench evaluate``):
+source-domain Dice of the export and of its foundation, forgetting, and false positives per node-free
+scan (components, ml); NaN (sets: ``none``) where a run was never evaluated, never 0.
 Results of different foundations or protocol versions are never merged:
 ``select_budget(foundation=..., protocol_version=...)`` keeps one, and pairing
 refuses to mix them (``bench.stats.check_equal_budgets``).
@@ -32,29 +37,33 @@ from typing import Iterable, List, Optional, Union
 import numpy as np
 import pandas as pd
 
+from bench.evaluation.extra import NOT_EVALUATED, RUN_COLUMNS as EXTRA_COLUMNS, SET_COLUMNS, run_columns
 from bench.metrics import INT_METRICS, METRICS, upgrade_v1
 
-SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSIONS = (1, 2, 3)   # 3: several labels (bench.runner.MULTI_LABEL_SCHEMA_VERSION)
 CELL = ["dataset", "method", "shots", "repeat"]
 RUN_KEY = CELL + ["foundation_sha256", "protocol_version"]   # what "the same cell" means for newest-wins
-KEY = CELL + ["case_id"]
+KEY = CELL + ["case_id", "label"]
+SINGLE_LABEL = "foreground"   # the label of single-label results (they record none)
 PROVENANCE_COLUMNS = ["foundation", "foundation_sha256", "optimizer", "lr", "weight_decay", "batch_size",
                       "patch_size", "seed", "hparams", "updated_per_step", "code_version", "git_commit",
                       "packages", "device_name"]
 COLUMNS = KEY + ["run_id", "protocol_version", "iterations", "params_source", *METRICS,
                  "total_params", "trainable_params", "changed_params", "train_seconds", "peak_memory_mb",
-                 "device", *PROVENANCE_COLUMNS]
-STRING_COLUMNS = ["dataset", "method", "case_id", "run_id", "protocol_version", "params_source", "device",
+                 "device", *PROVENANCE_COLUMNS, *SET_COLUMNS, *EXTRA_COLUMNS]
+STRING_COLUMNS = ["dataset", "method", "case_id", "label", "run_id", "protocol_version", "params_source", "device",
                   "foundation", "foundation_sha256", "optimizer", "patch_size", "hparams", "code_version",
-                  "git_commit", "packages", "device_name"]
+                  "git_commit", "packages", "device_name", *SET_COLUMNS]
 INT_COLUMNS = ["shots", "repeat"]
 # integers that may be unknown (metric counts: a version-1 result has no one-to-one lesion counts)
 COUNT_COLUMNS = ["iterations", "total_params", "trainable_params", "changed_params", "batch_size", "seed", "updated_per_step",
                  *INT_METRICS]
 UNKNOWN = "unknown"
 # Columns that older snapshots lack, with the value they are read as.
-LATER_COLUMNS = {"iterations": "nan", "total_params": "nan", "params_source": UNKNOWN,
-                 **{c: UNKNOWN if c in STRING_COLUMNS else "nan" for c in PROVENANCE_COLUMNS}}
+LATER_COLUMNS = {"label": SINGLE_LABEL, "iterations": "nan", "total_params": "nan", "params_source": UNKNOWN,
+                 **{c: UNKNOWN if c in STRING_COLUMNS else "nan" for c in PROVENANCE_COLUMNS},
+                 # per-run extra evaluations (bench.evaluation; `bench evaluate`): missing = not evaluated
+                 **{c: NOT_EVALUATED for c in SET_COLUMNS}, **{c: "nan" for c in EXTRA_COLUMNS}}
 FLOAT_FORMAT = "%.6g"
 
 Source = Union[str, Path]
@@ -150,9 +159,11 @@ def _read_result(file: Path):
                "iterations": spec["iterations"], "params_source": spec.get("params_source", "default"),
                "total_params": params.get("total"), "trainable_params": params["trainable"],
                "changed_params": params["changed"], "train_seconds": cost["train_seconds"], "peak_memory_mb": cost["peak_memory_mb"],
-               "device": cost.get("device", spec.get("device")), **_provenance_columns(res)}
+               "device": cost.get("device", spec.get("device")), **_provenance_columns(res),
+               **run_columns(file.parent)}
         version_1 = res.get("metrics_version", 1) == 1
-        rows = [{**run, "case_id": c["case_id"], **(upgrade_v1(c) if version_1 else {m: c[m] for m in METRICS})}
+        rows = [{**run, "case_id": c["case_id"], "label": c.get("label", SINGLE_LABEL),
+                 **(upgrade_v1(c) if version_1 else {m: c[m] for m in METRICS})}
                 for c in res["cases"]]
     except KeyError as e:
         raise ValueError(f"{file}: result is missing the field {e}") from None
@@ -177,6 +188,9 @@ def _provenance_columns(res: dict) -> dict:
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    # tables built before the extra evaluations existed (or without them): not evaluated
+    df = df.assign(**{c: NOT_EVALUATED if c in SET_COLUMNS else np.nan
+                      for c in (*SET_COLUMNS, *EXTRA_COLUMNS) if c not in df.columns})
     df = df[COLUMNS].copy()
     for c in COLUMNS:
         if c in STRING_COLUMNS:
@@ -240,6 +254,7 @@ def synthetic_results(effects=None, shots=(1, 3), repeats: int = 3, cases: int =
             for c, d in enumerate(dice):
                 rows.append({
                     "dataset": dataset, "method": method, "shots": s, "repeat": r, "case_id": f"case_{c:03d}",
+                    "label": SINGLE_LABEL,
                     "run_id": f"{method}-{s}-{r}", "protocol_version": "v1", "iterations": 60,
                     "params_source": "default", "dice": d, "hd95": 20 * (1 - d),
                     "assd": 5 * (1 - d), "nsd": min(1.0, d + 0.05), "nsd_voxel": min(1.0, d + 0.1),

@@ -18,12 +18,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 import bench
+from bench import progress
 from bench.engine.recipe import OPTIMIZERS, Recipe, resolve_recipe
 from bench.engine.train import TrainConfig, resolve_device, train_network
 from bench.home import configure_nnunet_env, subdir
 from bench.provenance import checkpoint_sha256, derive_seed, device_name, git_commit, versions
 
 RESULT_SCHEMA_VERSION = 2  # 2: provenance block, resolved recipe and seed, foundation hash in the run id
+# 3: several labels: ``labels`` and one ``cases`` row per (case, label) (bench.metrics.score_labels);
+# single-label results keep schema 2
+MULTI_LABEL_SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -74,6 +78,10 @@ class RunSpec:
         key.update({k: v for k, v in asdict(self.recipe()).items() if k != "source"})
         key.update(seed=self.resolved_seed()[0], protocol_version=self.resolved_protocol_version(),
                    foundation_sha256=fid["sha256"], code_version=bench.__version__)
+        from bench.datasets import get_dataset
+        labels = get_dataset(self.dataset).labels
+        if len(labels) > 2:   # a label set chosen at preparation (segrap2023-oars --labels) is part of the cell
+            key["labels"] = labels
         return key
 
     def run_id(self) -> str:
@@ -87,15 +95,15 @@ class FoundationNotBuilt(RuntimeError):
 def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
     """Name, checkpoint path and sha256 of a spec's foundation; None while the default phantom
     foundation is not built yet (then no run with it can have finished either)."""
-    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir
+    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir, foundation_folder, foundation_name
     if foundation:
-        folder = Path(foundation).expanduser().resolve()
+        folder = foundation_folder(foundation)  # a v1 STU-Net checkpoint: its converted folder
     else:
         folder = existing_phantom_foundation_dir()  # a rebuilt copy in $BENCH_HOME, else the shipped one
         if folder is None:
             return None
     ckpt = _find_checkpoint(folder)
-    return {"name": folder.name, "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
+    return {"name": foundation_name(folder), "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
 
 
 def run_dir(spec: RunSpec) -> Path:
@@ -109,7 +117,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     from bench.engine.preprocess import transfer_plans
     from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder, target_load_report
     from bench.methods import get_method
-    from bench.metrics import METRICS_VERSION, case_metrics
+    from bench.metrics import METRICS_VERSION, foreground_labels, run_summary, score_labels
     from bench.protocols import Protocol
     import SimpleITK as sitk
 
@@ -164,15 +172,15 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
 
     predictor = make_predictor(export_plans, dataset_json, foundation.configuration, outcome.export_state, dev)
     cases = []
+    labels = foreground_labels(dataset_json)
     log(f"predicting {len(eval_ids)} {spec.evaluate_on} case(s) with nnU-Net's predictor")
-    for cid in eval_ids:
+    for cid in progress.track(eval_ids, "predicting"):
         seg, spacing = predict_case(predictor, dataset.image_files(cid))
         ref = sitk.GetArrayFromImage(sitk.ReadImage(dataset.label_file(cid)))
-        cases.append({"case_id": cid, **case_metrics(seg > 0, ref > 0, spacing,
-                                                     nsd_tolerance_mm=dataset.nsd_tolerance_mm)})
+        cases += [{"case_id": cid, **row} for row in score_labels(seg, ref, spacing, labels,
+                                                                   nsd_tolerance_mm=dataset.nsd_tolerance_mm)]
 
-    summary = {f"{k}_mean": float(np.mean([c[k] for c in cases])) for k in cases[0] if k != "case_id"}
-    summary["dice_median"] = float(np.median([c["dice"] for c in cases]))
+    summary = run_summary(cases)
     provenance = {
         "foundation": {"name": fid["name"], "sha256": fid["sha256"], "checkpoint": fid["checkpoint"]},
         "protocol": {"dataset": spec.dataset, "version": protocol.version},
@@ -188,7 +196,9 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         "device": {"type": dev.type, "name": device_name(dev)},
     }
     result = {
-        "schema_version": RESULT_SCHEMA_VERSION, "metrics_version": METRICS_VERSION, "run_id": run_id,
+        "schema_version": RESULT_SCHEMA_VERSION if len(labels) <= 1 else MULTI_LABEL_SCHEMA_VERSION,
+        **({"labels": list(labels)} if len(labels) > 1 else {}),
+        "metrics_version": METRICS_VERSION, "run_id": run_id,
         "code_version": bench.__version__,
         "spec": {**asdict(spec), "lr": recipe.lr, "optimizer": recipe.optimizer,
                  "weight_decay": recipe.weight_decay, "seed": seed, "hparams": method.hp,

@@ -49,6 +49,13 @@ What uses it.
 
 With a single repeat the support component cannot be estimated: intervals then condition on the one
 support set (``Paired.note`` says so).
+
+Several labels (nodes and organs of one case, ``label`` in the results table). The labels of a case share
+its image, its support set and its method, so they are not independent blocks: every test above pairs on
+the per-case mean over labels (``mean_over_labels``: one block per (repeat, case), as for a single label),
+and a label's own comparison (``paired_table(..., label=...)``) keeps the same blocks. ``per_label``
+compares methods label by label, Holm-corrected within its own family (labels x comparisons), apart from
+the primary family on the mean. (case, label) rows are never counted as cases.
 """
 from __future__ import annotations
 
@@ -87,6 +94,7 @@ class Paired:
     dataset: str
     shots: int
     metric: str
+    label: Optional[str] = None     # one label's values; None: the mean over labels (or the only label)
 
     @property
     def methods(self) -> List[str]:
@@ -114,7 +122,7 @@ class Paired:
         return self.values[cols].to_numpy().reshape(self.repeats, self.cases, len(cols))
 
     def subset(self, methods: Sequence[str]) -> "Paired":
-        return Paired(self.values[sorted(methods)], self.dropped, self.dataset, self.shots, self.metric)
+        return Paired(self.values[sorted(methods)], self.dropped, self.dataset, self.shots, self.metric, self.label)
 
     def case_means(self) -> pd.DataFrame:
         """Per-case means over repeats (C rows, one column per method)."""
@@ -163,10 +171,38 @@ def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
         require_one(kinds.where(kinds != "unknown"), "hyper-parameters (tuned vs default)", "--params default|tuned")
 
 
+def labels_of(df: pd.DataFrame) -> List[str]:
+    """The labels of a results table (sorted); one, ``SINGLE_LABEL``, for single-label results."""
+    return sorted(df["label"].unique()) if "label" in df.columns else []
+
+
+def mean_over_labels(sub: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (method, repeat, case_id): ``metric``'s mean over the case's labels; NaN where a label's
+    row is missing (so the block is dropped as incomplete, not averaged over fewer labels). Every method must
+    have been scored on the same label set."""
+    if "label" not in sub.columns or sub["label"].nunique() <= 1:
+        return sub
+    sets = sub.groupby("method")["label"].agg(lambda v: tuple(sorted(set(v))))
+    if sets.nunique() > 1:
+        listing = "; ".join(f"{m}: {', '.join(v)}" for m, v in sets.items())
+        raise ValueError(f"results differ in their label set ({listing}); a comparison needs every method scored "
+                         "on the same labels (the same dataset preparation)")
+    n_labels = len(sets.iloc[0])
+    agg = sub.groupby(["method", "repeat", "case_id"])[metric].agg(["mean", "count"])
+    agg[metric] = agg["mean"].where(agg["count"] == n_labels)
+    return agg[[metric]].reset_index()
+
+
 def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice",
-                 methods: Optional[Sequence[str]] = None) -> Paired:
-    """Blocks present for every method, reduced to a complete repeat x case grid (the crossed design)."""
+                 methods: Optional[Sequence[str]] = None, label: Optional[str] = None) -> Paired:
+    """Blocks present for every method, reduced to a complete repeat x case grid (the crossed design).
+    Several labels: a block is a case, valued by the mean over its labels, or by ``label``'s value alone."""
     sub = df[(df["dataset"] == dataset) & (df["shots"] == shots)]
+    if label is not None:
+        if label not in labels_of(sub):
+            raise ValueError(f"no {dataset} {shots}-shot results for label {label!r}; labels: "
+                             f"{', '.join(labels_of(sub)) or 'none'}")
+        sub = sub[sub["label"] == label]
     if methods is not None:
         missing = sorted(set(methods) - set(sub["method"]))
         if missing:
@@ -175,6 +211,7 @@ def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice
     if sub.empty:
         raise ValueError(f"no results for dataset {dataset!r} with {shots} shots")
     check_equal_budgets(sub, dataset, shots)
+    sub = mean_over_labels(sub, metric)
     wide = sub.pivot(index=["repeat", "case_id"], columns="method", values=metric)
     wide = wide.reindex(columns=sorted(wide.columns)).sort_index()
     wide.columns.name = None
@@ -190,7 +227,7 @@ def paired_table(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice
                       stacklevel=2)
     if complete.empty:
         raise ValueError(f"{dataset} {shots}-shot: no (repeat, case) block is present for all methods")
-    return Paired(complete, dropped, dataset, int(shots), metric)
+    return Paired(complete, dropped, dataset, int(shots), metric, label)
 
 
 # --- the crossed random-effects mean ---------------------------------------------------------------
@@ -370,6 +407,33 @@ def vs_reference(paired: Paired, reference: str = REFERENCE, **kw) -> pd.DataFra
 
 def all_pairs(paired: Paired, methods: Optional[Sequence[str]] = None, **kw) -> pd.DataFrame:
     return pairwise(paired, list(itertools.combinations(methods or paired.methods, 2)), **kw)
+
+
+def per_label(df: pd.DataFrame, dataset: str, shots: int, metric: str = "dice", reference: str = REFERENCE,
+              alpha: float = ALPHA) -> pd.DataFrame:
+    """Label-by-label comparisons of a multi-label task: per label, ``reference`` against every other
+    non-reference method (all pairs without ``reference``), crossed t tests on that label's values in the
+    same (repeat, case) blocks, Holm-corrected over the whole family (every label x comparison): a family
+    of its own, apart from the primary comparison on the mean over labels. Rows: label, summary of a (mean
+    and CI, ``a_mean``...) and the pairwise columns. Empty for a single-label table."""
+    from bench.methods.roles import role
+
+    sub = df[(df["dataset"] == dataset) & (df["shots"] == shots)]
+    labels = labels_of(sub)
+    if len(labels) < 2:
+        return pd.DataFrame()
+    tables = []
+    for label in labels:
+        paired = paired_table(sub, dataset, shots, metric, label=label)
+        tested = paired.subset([m for m in paired.methods if role(m) != "reference"])
+        if reference in tested.methods:
+            pairs = [(reference, m) for m in tested.methods if m != reference]
+        else:
+            pairs = list(itertools.combinations(tested.methods, 2))
+        tables.append(pairwise(tested, pairs, alpha=alpha).assign(label=label))
+    out = pd.concat(tables, ignore_index=True)
+    out["p_holm"] = holm(out["p"].to_numpy(dtype=float))
+    return out[["label"] + [c for c in out.columns if c != "label"]]
 
 
 # --- ranks -------------------------------------------------------------------------------------------

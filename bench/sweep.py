@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
+from bench import progress
 from bench.runner import RunSpec, run_dir
 
 EXECUTORS = ("local", "ray", "slurm")
@@ -96,7 +97,7 @@ def run_cell(spec_dict: dict, tracking_uri: Optional[str], tune_trials: int = 0)
     t0 = time.time()
     log_path = run_dir(spec) / "cell.log"
     try:
-        with open(log_path, "a") as logf:
+        with open(log_path, "a") as logf, progress.to_file(logf):  # not the sweep's terminal
             def log(msg):
                 logf.write(f"{msg}\n")
                 logf.flush()
@@ -192,13 +193,27 @@ def _start_ray(address: Optional[str], workers: int) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
         # "local": without it ray.init() silently joins a cluster `ray start` left on this machine
-        ray.init(address=address or "local", num_cpus=None if address else workers,
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith(("BENCH_", "nnUNet_"))}})
+        try:
+            ray.init(address=address or "local", num_cpus=None if address else workers,
+                     include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                               if k.startswith(("BENCH_", "nnUNet_"))}})
+        except ConnectionError as e:
+            raise ConnectionError(f"{e}{_ray_auth_hint(address)}") from e
     gcs, cpus = ray.get_runtime_context().gcs_address, int(ray.cluster_resources().get("CPU", 0))
     where = f"the Ray cluster at {gcs}" if address else f"a private local Ray instance ({gcs})"
     return f"{where} ({len(ray.nodes())} node(s), {cpus} CPU(s))"
+
+
+def _ray_auth_hint(address: Optional[str]) -> str:
+    """Recent Ray releases start clusters with token authentication when the head finds a token
+    (~/.ray/auth_token), but a driver given an explicit address sends its token only with RAY_AUTH_MODE=token:
+    the head then answers InvalidAuthToken and ray.init reports only a failed connection."""
+    if not address or address == "auto" or os.environ.get("RAY_AUTH_MODE"):
+        return ""
+    return ("; if the cluster uses token authentication (`ray start` enables it when the head has "
+            "~/.ray/auth_token), set RAY_AUTH_MODE=token and give this machine the cluster's token: "
+            "~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head prints it)")
 
 
 def _check_slurm(slurm: Optional[dict]) -> None:
@@ -281,18 +296,14 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
     submit = {"local": _submit_local, "ray": _submit_ray, "slurm": _submit_slurm}[executor]
     extra = {"slurm": slurm} if executor == "slurm" else {}
     t0 = time.time()
-    done_s = []
     jobs = itertools.chain.from_iterable(submit(w, tracking_uri, workers, tune_trials, **extra) for w in waves if w)
-    for i, out in enumerate(jobs, 1):
-        outcome = CellOutcome(**out)
-        outcomes.append(outcome)
-        done_s.append(outcome.seconds)
-        remaining = len(todo) - i
-        eta = remaining * (sum(done_s) / len(done_s)) / max(workers, 1)
-        failed = sum(o.status == "failed" for o in outcomes)
-        score = f"Dice {outcome.dice_mean:.3f}" if outcome.dice_mean is not None else outcome.error.splitlines()[0]
-        log(f"[{i}/{len(todo)} done, {min(workers, remaining)} running, {failed} failed, "
-            f"ETA {eta / 60:.1f} min] {outcome.key}: {outcome.status} in {outcome.seconds:.0f} s; {score}")
+    with progress.cells(len(todo), workers, sum(estimate.values())) as cells:
+        for out in jobs:
+            outcome = CellOutcome(**out)
+            outcomes.append(outcome)
+            state = cells.finished(outcome.seconds, failed=outcome.status == "failed")
+            score = f"Dice {outcome.dice_mean:.3f}" if outcome.dice_mean is not None else outcome.error.splitlines()[0]
+            log(f"[{state}] {outcome.key}: {outcome.status} in {outcome.seconds:.0f} s; {score}")
     wall = time.time() - t0
     ran = [o for o in outcomes if o.status != "skipped"]
     log(f"sweep finished in {wall:.0f} s wall; {sum(o.seconds for o in ran):.0f} device-seconds in cells "

@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from bench.home import bench_home, default_tracking_uri
+from bench.locks import is_database_url, lock
 
 EXPERIMENT = "lnbench"
+PARENT_TAG = "mlflow.parentRunId"   # mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID: what nests a run in the UI
+
+
+_READY: set = set()   # tracking URIs whose store and experiment this process has set up
 
 
 def _mlflow(tracking_uri: Optional[str]):
@@ -28,13 +33,22 @@ def _mlflow(tracking_uri: Optional[str]):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None and uri.startswith("sqlite:"):
-        # with a local store, keep artefacts in $BENCH_HOME too (MLflow's default is ./mlruns of the cwd)
-        try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(bench_home() / "mlartifacts").as_uri())
-        except Exception:  # created concurrently by another process
-            pass
-    mlflow.set_experiment(EXPERIMENT)
+    if uri in _READY:
+        mlflow.set_experiment(EXPERIMENT)
+        return mlflow
+    if is_database_url(uri):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (seconds to import: not inside the lock)
+    # MLflow creates its tables on first use: one process at a time (bench/locks.py)
+    with lock(uri, "mlflow-schema"):
+        if mlflow.get_experiment_by_name(EXPERIMENT) is None and is_database_url(uri):
+            # a database store, not a server: keep artefacts in $BENCH_HOME too (MLflow's default is
+            # ./mlruns of the current directory, a different one for every worker)
+            try:
+                mlflow.create_experiment(EXPERIMENT, artifact_location=(bench_home() / "mlartifacts").as_uri())
+            except Exception:  # created concurrently by another process
+                pass
+        mlflow.set_experiment(EXPERIMENT)
+    _READY.add(uri)
     return mlflow
 
 
@@ -94,6 +108,7 @@ def log_result(result: dict, out_dir: Path, tracking_uri: Optional[str] = None,
     prov = result.get("provenance")
     if prov:  # what `mlflow ui` filters on: which checkpoint, protocol, seed and commit produced this run
         tags.update({"foundation": prov["foundation"]["name"], "foundation.sha256": prov["foundation"]["sha256"],
+                     "protocol": f"{prov['protocol']['dataset']}@{prov['protocol']['version']}",
                      "protocol_version": prov["protocol"]["version"], "seed": str(prov["seed"]["value"]),
                      "optimizer": prov["recipe"]["optimizer"], "git_commit": str(prov["code"]["git_commit"])})
     with mlflow.start_run(run_name=name, tags=tags, nested=parent_run_id is not None,
@@ -118,33 +133,35 @@ class StudyTracker:
     the runner's own fluent ``mlflow.start_run(parent_run_id=...)`` is unaffected."""
 
     def __init__(self, tracking_uri: Optional[str], study_name: str, storage_label: str,
-                 params: Dict[str, Any], tags: Dict[str, str]):
+                 params: Dict[str, Any], tags: Dict[str, str], lock_target: Optional[str] = None):
+        """``lock_target``: the study's storage (RDB URL or journal path). Workers that join a study
+        together find-or-create its run under a lock there (bench/locks.py), else each would create one."""
         mlflow = _mlflow(tracking_uri)
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient()
         self.exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
         self.base_tags = {k: str(v) for k, v in tags.items()}
-        existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
-                                                        order_by=["attributes.start_time DESC"], max_results=1000)
-                    if r.data.tags.get("optuna.study") == study_name
-                    and r.data.tags.get("optuna.storage") == storage_label]
-        if existing:
-            self.study_run = existing[0].info.run_id
-            self.client.update_run(self.study_run, status="RUNNING")
-        else:
-            run = self.client.create_run(self.exp_id, run_name=study_name, tags={
-                **self.base_tags, "kind": "study", "optuna.study": study_name, "optuna.storage": storage_label})
-            self.study_run = run.info.run_id
-            self._log_params(self.study_run, params)
+        with lock(lock_target, f"study-run:{study_name}"):
+            existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
+                                                            order_by=["attributes.start_time DESC"], max_results=1000)
+                        if r.data.tags.get("optuna.study") == study_name
+                        and r.data.tags.get("optuna.storage") == storage_label]
+            if existing:
+                self.study_run = existing[0].info.run_id
+                self.client.update_run(self.study_run, status="RUNNING")
+            else:
+                run = self.client.create_run(self.exp_id, run_name=study_name, tags={
+                    **self.base_tags, "kind": "study", "optuna.study": study_name, "optuna.storage": storage_label})
+                self.study_run = run.info.run_id
+                self._log_params(self.study_run, params)
 
     def _log_params(self, run_id: str, params: Dict[str, Any]) -> None:
         from mlflow.entities import Param
         self.client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
 
     def start_trial(self, number: int, study_name: str, params: Dict[str, Any]) -> str:
-        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
         run = self.client.create_run(self.exp_id, run_name=f"{study_name}-trial{number}", tags={
-            **self.base_tags, MLFLOW_PARENT_RUN_ID: self.study_run, "kind": "trial",
+            **self.base_tags, PARENT_TAG: self.study_run, "kind": "trial",
             "optuna.study": study_name, "optuna.trial": str(number), "state": "RUNNING"})
         self._log_params(run.info.run_id, {**params, "trial": number})
         return run.info.run_id
@@ -156,6 +173,21 @@ class StudyTracker:
         if error:
             self.client.set_tag(run_id, "error", error[:4000])
         self.client.set_terminated(run_id, {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED"))
+
+    def close_orphan_trials(self, study_name: str, finished: Dict[int, tuple]) -> int:
+        """End the trial runs left RUNNING by a killed worker once the study has finished their trial
+        (``fail_dead_trials``, Optuna's heartbeat): ``finished`` maps trial number -> (state, error)."""
+        running = self.client.search_runs(
+            [self.exp_id], f"tags.kind = 'trial' and tags.`optuna.study` = '{study_name}' and tags.state = 'RUNNING'",
+            max_results=10000)
+        n = 0
+        for r in running:
+            number = int(r.data.tags.get("optuna.trial", -1))
+            if number in finished and r.data.tags.get(PARENT_TAG) == self.study_run:
+                state, error = finished[number]
+                self.end_trial(r.info.run_id, state, error=error or "")
+                n += 1
+        return n
 
     def end_study(self, summary: dict, tuned_file: Optional[Path], status: str = "FINISHED") -> None:
         counts = summary["trials"]

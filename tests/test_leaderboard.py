@@ -19,7 +19,7 @@ def results():
 def test_regeneration_is_byte_identical(results, tmp_path):
     first = write_leaderboards(results, tmp_path / "a", n_boot=N_BOOT)
     second = write_leaderboards(results, tmp_path / "b", n_boot=N_BOOT)
-    assert [p.name for p in first] == ["phantom.md", "phantom.csv", "phantom.png"]
+    assert [p.name for p in first] == ["phantom.md", "phantom.csv", "phantom.png", "phantom.html"]
     for a, b in zip(first, second):
         assert a.read_bytes() == b.read_bytes(), a.name
     png = first[2].read_bytes()
@@ -99,8 +99,10 @@ def test_committed_leaderboards_regenerate_without_diff(tmp_path):
     snapshot = root / "results.csv"
     if not snapshot.is_file():
         pytest.skip("no committed results snapshot")
-    assert main(["leaderboard", "--from-snapshot", "--snapshot", str(snapshot), "--out", str(tmp_path)]) == 0
-    produced = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".png"))
+    assert main(["leaderboard", "--from-snapshot", "--snapshot", str(snapshot), "--out", str(tmp_path),
+                 "--reports", str(root)]) == 0  # the page embeds the committed report's figures
+    produced = sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".md", ".csv", ".png", ".html"))
+    assert "phantom.html" in produced
     assert produced
     for name in produced:
         assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), f"{name} differs from the committed file"
@@ -118,6 +120,11 @@ def test_caption_and_columns_from_recorded_provenance(results):
     assert "Network: 346,006 parameters." in lines
     df.loc[df.method == "lora", "total_params"] = 350000.0  # an export with added modules
     assert "Network: 346,006 parameters (350,000 for lora)." in provenance(df, "phantom")
+    smaller = df.copy()
+    smaller.loc[smaller.method == smaller.method.unique()[0], "total_params"] = 6000.0  # e.g. scratch-light
+    first = smaller.method.unique()[0]
+    assert any(line.startswith("Network: 346,006 parameters (") and f"6,000 for {first}" in line
+               for line in provenance(smaller, "phantom")), "the network most methods export comes first"
     assert "Foundation: phantom-v1 (checkpoint sha256 abcdef012345)." in lines
     assert "Learning rate: 0.003; differs for full (0.001)." in lines
     assert "Optimizer: adamw; differs for full (sgd)." in lines

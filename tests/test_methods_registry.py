@@ -1,7 +1,7 @@
 """Contract tests generated from the method registry: a new method gets all of them for free.
 
-Every registered method is prepared on a tiny nnU-Net network (a PlainConvUNet
-and a ResidualEncoderUNet), trained for 3 steps with nnU-Net's SGD (momentum
+Every registered method is prepared on a tiny nnU-Net network (a PlainConvUNet,
+a ResidualEncoderUNet and an STU-Net), trained for 3 steps with nnU-Net's SGD (momentum
 0.99, weight decay) and Dice + CE loss through the engine's ``training_step``,
 then checked: frozen tensors bit-identical, every trainable tensor changed, the
 output changed, trainable counts consistent, and the export loads into the
@@ -28,7 +28,7 @@ from bench.methods.base import Method, MethodContext, TrainStart, count
 PATCH, FEATURES, STEPS = (8, 16, 16), (4, 8), 3
 DATA = (4, 8, 8)  # input smaller than the patch: same code paths, a fraction of the CPU time
 DATASET_JSON = ONE_LABEL_DATASET_JSON
-ARCHS = ("plain", "resenc")
+ARCHS = ("plain", "resenc", "stunet")
 TRAINED = [name for name in METHODS.names() if METHODS.get(name).trains]  # zero-shot: tests/test_reference_rows.py
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name in TRAINED for arch in ARCHS]
 
@@ -50,6 +50,11 @@ def plans_for(arch: str) -> dict:
         a["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
         a["arch_kwargs"]["n_blocks_per_stage"] = [1] * len(FEATURES)
         del a["arch_kwargs"]["n_conv_per_stage"]
+    if arch == "stunet":  # STU-Net (bench.architectures.stunet): residual blocks, upsample + 1x1x1 conv, concat
+        from bench.architectures.stunet import stunet_architecture
+        a = plans["configurations"]["3d_fullres"]["architecture"]
+        plans["configurations"]["3d_fullres"]["architecture"] = stunet_architecture(
+            FEATURES, [1] * len(FEATURES), a["arch_kwargs"]["strides"], a["arch_kwargs"]["kernel_sizes"])
     return plans
 
 
@@ -184,7 +189,7 @@ def test_prepare_starts_from_the_foundation_or_declares_it(name, arch):
     if t.method.uses_foundation:
         assert torch.allclose(t.out_prepared, t.out_foundation, atol=1e-6), f"{name}: prepare changed the output"
     else:
-        same = [k for k in t.before if torch.equal(t.before[k], t.foundation[k])]
+        same = [k for k in t.before if k in t.foundation and torch.equal(t.before[k], t.foundation[k])]
         assert not same, f"{name}: starts from foundation weights {same[:5]}"
 
 

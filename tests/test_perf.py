@@ -42,6 +42,9 @@ def test_perf_network_specs():
     assert network_spec("tiny", cpu).patch == (32, 64, 64)
     with pytest.raises(ValueError, match="multiple of"):
         network_spec("default", cpu, patch=(20, 64, 64))
+    stunet = network_spec("stunet", cpu)
+    assert stunet.features == [16, 32, 64, 128, 256, 256] and stunet.patch == (64, 64, 64)
+    assert stunet.config["architecture"]["network_class_name"] == "bench.architectures.stunet.STUNet"
 
 
 def test_bench_perf_end_to_end_on_a_tiny_network(bench_home, tmp_path, capsys):

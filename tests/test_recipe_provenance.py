@@ -34,7 +34,7 @@ def trainer_optimizer(spec: RunSpec, iterations: int = 8, eval_every: int = 3):
     trainer.setup(method=method, ctx=MethodContext(foundation_state={}), init_state=None, train_ids=["a"],
                   val_ids=["b"], preprocessed_base="/nonexistent", output_folder=str(subdir("trainer")),
                   iterations=iterations, eval_every=eval_every, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                  optimizer=recipe.optimizer, progress=lambda *_: None)
+                  optimizer=recipe.optimizer)
     trainer.network = build_network(tiny_plans("Dataset999_Test", patch_size=(8, 16, 16)), DATASET_JSON)
     optimizer, _ = trainer.configure_optimizers()
     return trainer, optimizer

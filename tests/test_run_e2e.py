@@ -12,19 +12,29 @@ from bench.provenance import derive_seed
 from bench.results import load_results
 
 
-def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, capsys):
+def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, capsys, monkeypatch):
+    from bench import progress
+    monkeypatch.setattr(progress, "MIN_INTERVAL_S", 0.0)  # progress lines however fast the tiny run is
     rc = main(["run", "--method", "dgst", "--shots", "1", "--iterations", "2", "--eval-every", "2",
                "--foundation", str(tiny_foundation), "--device", "cpu"])
     assert rc == 0
     out, err = capsys.readouterr()
     for chatter in ("Using device", "perform_everything_on_device"):  # nnU-Net's prints: --verbose only
         assert chatter not in out + err
+    # progress (stderr, plain lines off a terminal): each training iteration of the 2, then every test case
+    training = [line for line in err.splitlines() if line.startswith("training: ")]
+    assert [line.split()[1] for line in training] == ["1/2", "2/2"] and "\r" not in err
+    assert "loss" in training[0] and "ETA" in training[0] and "took" in training[1]
+    assert f"predicting: {len(Protocol.load('phantom').test)}/{len(Protocol.load('phantom').test)} case" in err
     test_ids = Protocol.load("phantom").test
     for cid in test_ids:
         assert cid in out  # the per-case table is printed
 
     results = list((bench_home / "runs").rglob("result.json"))
     assert len(results) == 1
+    # forgetting and node-free false positives by default (bench/evaluation; --no-extra-eval skips them)
+    assert "extra evaluation: source Dice" in out and "FP/node-free scan" in out
+    assert (results[0].parent / "extra_eval.json").is_file()
     result = json.loads(results[0].read_text())
     assert result["schema_version"] == 2
     assert [c["case_id"] for c in result["cases"]] == test_ids
@@ -66,6 +76,12 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     run = runs.iloc[0]
     assert run["params.method"] == "dgst" and run["params.shots"] == "1"
     assert run["tags.foundation.sha256"] == prov["foundation"]["sha256"]
+    # what `mlflow ui` filters cells on: every cell run carries these tags
+    assert {k: run[f"tags.{k}"] for k in ("kind", "dataset", "method", "shots", "repeat", "foundation", "protocol",
+                                          "params_source")} == {
+        "kind": "cell", "dataset": "phantom", "method": "dgst", "shots": "1", "repeat": "0",
+        "foundation": tiny_foundation.name, "protocol": f"phantom@{Protocol.load('phantom').version}",
+        "params_source": "default"}
     assert run["params.provenance.seed.value"] == str(prov["seed"]["value"])
     assert run["params.provenance.recipe.optimizer"] == "adamw"
     assert abs(run["metrics.dice_mean"] - result["summary"]["dice_mean"]) < 1e-9

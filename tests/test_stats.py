@@ -218,6 +218,7 @@ def test_roles():
                               "lora", "my-new-method")] == ["proposed", "ablation", "ablation", "control",
                                                             "reference", "reference", "baseline", "baseline"]
     assert competitors(["full", "dgst", "dgst-static", "scratch", "oracle", "bitfit"]) == ["bitfit", "full"]
+    assert role("scratch-light") == "control" and competitors(["scratch-light", "full"]) == ["full"]
 
 
 def test_reference_rows_are_summarised_but_never_tested():

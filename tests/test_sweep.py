@@ -83,6 +83,9 @@ def test_failed_cell_does_not_stop_others(bench_home, tiny_foundation):
     status = {o.key: o.status for o in outcomes}
     assert status == {"dgst/phantom/1shot/r0": "done", "dgst/phantom/1shot/r99": "failed"}
     assert any("FAILED dgst/phantom/1shot/r99" in line and "repeats 0..4" in line for line in lines)
+    assert any(line.startswith("[1/2 done, 1 running, ") and "ETA" in line for line in lines)
+    # the worker's progress goes to its cell log, never to the sweep's terminal
+    assert "training: 2/2 it (100%)" in (run_dir(specs[0]) / "cell.log").read_text()
 
 
 def test_cpu_workers_split_the_cores(monkeypatch):

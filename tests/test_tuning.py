@@ -126,7 +126,7 @@ def test_tiny_study_end_to_end_reads_no_test_case(bench_home, tiny_foundation, t
     # --- bench run --params tuned
     rc = main(["run", "--method", "l2sp", "--shots", "1", "--params", "tuned", "--iterations", "2",
                "--eval-every", "2", "--foundation", str(tiny_foundation), "--device", "cpu",
-               "--tracking-uri", tracking_uri])
+               "--tracking-uri", tracking_uri, "--no-extra-eval"])
     assert rc == 0
     final = [json.loads(p.read_text()) for p in (bench_home / "runs").rglob("result.json")]
     final = [r for r in final if r["evaluated"] == "test"]

@@ -25,6 +25,9 @@ def register(subparsers) -> None:
     pr.add_argument("--source", type=Path, help="folder holding the release (not for phantom, which is generated)")
     for option, text in FLAGS.items():
         pr.add_argument("--" + option.replace("_", "-"), dest=option, action="store_true", help=text)
+    pr.add_argument("--labels", metavar="NAMES", help="segrap2023-oars: the structures to label, comma-separated, "
+                                                      "in label-value order (default: GTVnd, parotid and "
+                                                      "submandibular glands)")
     pr.set_defaults(func=prepare)
 
 
@@ -33,7 +36,7 @@ def list_datasets(args: argparse.Namespace) -> int:
     for name in DATASETS.names():
         ds = get_dataset(name)
         state = f"prepared, {len(ds.case_ids())} cases" if ds.is_prepared() else "not prepared"
-        print(f"{name:<12} {state:<22} {ds.description}")
+        print(f"{name:<16} {state:<22} {ds.description}")
     return 0
 
 
@@ -41,6 +44,8 @@ def prepare(args: argparse.Namespace) -> int:
     from bench.datasets import DatasetError, get_dataset
     ds = get_dataset(args.name)
     options = {k: True for k in FLAGS if getattr(args, k)}
+    if args.labels is not None:
+        options["labels"] = args.labels
     if not ds.needs_source and (args.source is not None or options):
         given = (["--source"] if args.source is not None else []) + ["--" + k.replace("_", "-") for k in options]
         raise DatasetError(f"{ds.name} is generated, it takes no {', '.join(given)}")

@@ -1,4 +1,5 @@
-"""``bench foundation build|show``: the cached phantom foundation model."""
+"""``bench foundation build|show|convert-stunet``: the phantom foundation model, any foundation's summary, and
+STU-Net's released nnU-Net v1 checkpoints converted to v2 model folders."""
 from __future__ import annotations
 
 from bench.options import positive_int
@@ -18,10 +19,22 @@ def register(sub) -> None:
     sh = s.add_parser("show", help="what a foundation folder is and what fine-tuning on a dataset would load",
                       description="Architecture, parameter count, labels, spacing, normalisation per channel, "
                                   "and which tensors fine-tuning on --target loads or re-initialises.")
-    sh.add_argument("path", nargs="?", default=None, help="nnU-Net model folder (default: phantom foundation)")
+    sh.add_argument("path", nargs="?", default=None,
+                    help="nnU-Net model folder, or an STU-Net v1 .model file (default: phantom foundation)")
     sh.add_argument("--target", default="phantom", metavar="DATASET",
                     help="dataset whose labels and channels the load check uses (default: phantom)")
     sh.set_defaults(func=show)
+    cv = s.add_parser("convert-stunet", help="convert an STU-Net nnU-Net v1 checkpoint to an nnU-Net v2 model folder",
+                      description="Reads <name>.model (weights only, numpy values allowed) and <name>.model.pkl "
+                                  "(plans; no code is unpickled), writes plans.json (architecture "
+                                  "bench.architectures.stunet.STUNet), dataset.json and fold_0/checkpoint_final.pth. "
+                                  "`--foundation <name>.model` converts on first use instead (cached).")
+    cv.add_argument("model", help="STU-Net checkpoint, e.g. small_ep4k.model")
+    cv.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
+    cv.add_argument("--pkl", default=None, help="its .model.pkl (default: next to the .model file)")
+    cv.add_argument("--labels", default=None, metavar="DATASET_JSON",
+                    help="a v1 or v2 dataset.json whose labels name the classes (default: class_<k>)")
+    cv.set_defaults(func=convert)
 
 
 def build(args) -> int:
@@ -46,4 +59,15 @@ def show(args) -> int:
     f = load_foundation(args.path) if args.path else get_phantom_foundation()
     target = get_dataset(args.target)
     print(describe(f, target.name, target.dataset_json(0)))
+    return 0
+
+
+def convert(args) -> int:
+    from bench.foundation import load_foundation
+    from bench.stunet import convert_stunet
+    folder = convert_stunet(args.model, args.out, pkl_path=args.pkl, labels_json=args.labels)
+    f = load_foundation(folder)
+    kw = f.plans["configurations"][f.configuration]["architecture"]["arch_kwargs"]
+    print(f"converted {args.model} -> {folder}: STU-Net, features {kw['features_per_stage']}, "
+          f"blocks {kw['n_blocks_per_stage']}, {len(f.dataset_json['labels'])} labels")
     return 0

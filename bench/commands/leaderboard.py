@@ -5,15 +5,19 @@ from bench.commands import add_budget_selection, budget_selection
 
 
 def register(sub) -> None:
-    p = sub.add_parser("leaderboard", help="regenerate the leaderboards (markdown, csv, png)",
+    p = sub.add_parser("leaderboard", help="regenerate the leaderboards (markdown, csv, png, html page)",
                        description="Collect result.json files into the results snapshot CSV, then render "
                                    "one leaderboard per dataset from that snapshot. With --from-snapshot, "
                                    "render from the committed snapshot only: regenerating what is committed "
-                                   "gives no diff.")
+                                   "gives no diff. The HTML page embeds the figures of a `bench report` "
+                                   "directory <dataset>-report/ under --reports when there is one.")
     p.add_argument("--results", nargs="+", default=None, metavar="DIR_OR_CSV",
                    help="result directories, result.json files or CSVs (default: $BENCH_HOME/runs)")
     p.add_argument("--snapshot", default="leaderboards/results.csv", help="results snapshot CSV")
     p.add_argument("--out", default="leaderboards", help="output directory (default: leaderboards)")
+    p.add_argument("--reports", default=None, metavar="DIR",
+                   help="where <dataset>-report/ directories of `bench report` are (default: --out); their "
+                        "figures are embedded in the HTML page")
     p.add_argument("--from-snapshot", action="store_true",
                    help="render from --snapshot without collecting results")
     add_budget_selection(p)
@@ -33,6 +37,6 @@ def main(args) -> int:
                              "run `bench run` first, or use --from-snapshot")
         print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
     df = select_budget(read_snapshot(args.snapshot), **budget_selection(args))
-    for path in write_leaderboards(df, args.out):
+    for path in write_leaderboards(df, args.out, reports=args.reports):
         print(f"wrote {path}")
     return 0

@@ -15,9 +15,10 @@ def register(sub) -> None:
                     "parameters, ratios to full fine-tuning, DGST's selection against the released one on the "
                     "same gradients, and the harness step against stock nnU-Net's train_step. Writes "
                     "<out>/perf_<device>.md and .csv and logs an MLflow run tagged kind=perf.")
-    p.add_argument("--network", choices=["tiny", "default", "both"], default="both",
+    p.add_argument("--network", choices=["tiny", "default", "stunet", "both"], default="both",
                    help="tiny: the phantom foundation's architecture (8-64 features); default: nnU-Net's default "
-                        "3d_fullres for H&N CT (32-320 features); both (default)")
+                        "3d_fullres for H&N CT (32-320 features); stunet: STU-Net-S (16-256 features, patch "
+                        "128^3 on CUDA, 64^3 on CPU); both (default): tiny and default")
     p.add_argument("--patch", type=positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="patch size for the chosen network(s) (default: tiny 32 64 64; default network "
                         "56 192 160 on CUDA, 16 64 64 on CPU)")

@@ -56,6 +56,10 @@ def register(sub) -> None:
                    help="method hyper-parameter, e.g. --hp gamma=4 (repeatable)")
     p.add_argument("--params", default="default",
                    help="'default', or 'tuned' to use the best parameters found by `bench tune`")
+    from bench.commands.evaluate import add_extra_arguments
+    add_extra_arguments(p)
+    p.add_argument("--no-extra-eval", action="store_true",
+                   help="skip forgetting and node-free false positives after the run (`bench evaluate` adds them)")
     p.set_defaults(func=main)
 
 
@@ -72,6 +76,8 @@ def main(args) -> int:
     from bench.quiet import show_third_party
     from bench.runner import run
     hparams = dict(_kv(t) for t in args.hp)
+    from bench.commands.evaluate import check_retention
+    check_retention(args)
     get_method(args.method, **hparams)  # fail fast: unknown names (listing the valid ones), bad values
     if args.verbose:
         show_third_party()
@@ -83,6 +89,12 @@ def main(args) -> int:
         spec = apply_tuned(spec)
     result = run(spec, tracking_uri=args.tracking_uri)
     print_result(result)
+    if not args.no_extra_eval:
+        from bench.evaluation.extra import describe, evaluate_run
+        from pathlib import Path
+        out = evaluate_run(Path(result["model_dir"]).parent, retention=args.retention, device=args.device)
+        print(f"extra evaluation: {describe(out.get('sets', {}))}" + (f"; not evaluated: {out['why']}"
+                                                                       if out.get("why") else ""))
     return 0
 
 
@@ -90,11 +102,20 @@ def print_result(result: dict) -> None:
     spec = result["spec"]
     print(f"\n{spec['method']} on {spec['dataset']}, {spec['shots']}-shot, repeat {spec['repeat']} "
           f"(protocol {spec['protocol_version']}), {result['evaluated']} cases:")
-    print(f"{'case':<14}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
+    labels = result.get("labels", [])      # several labels: a row per (case, label), means per label
+    width = max([14] + [len(name) + 2 for name in labels])
+    label_head = f"{'label':<{width}}" if labels else ""
+    print(f"{'case':<14}{label_head}{'Dice':>8}{'HD95 mm':>10}{'NSD':>8}{'lesion F1':>11}")
     for c in result["cases"]:
-        print(f"{c['case_id']:<14}{c['dice']:>8.3f}{c['hd95']:>10.2f}{c['nsd']:>8.3f}{c['lesion_f1']:>11.3f}")
+        name = f"{c['label']:<{width}}" if labels else ""
+        print(f"{c['case_id']:<14}{name}{c['dice']:>8.3f}{c['hd95']:>10.2f}{c['nsd']:>8.3f}{c['lesion_f1']:>11.3f}")
     s = result["summary"]
-    print(f"{'mean':<14}{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
+    for name in labels:
+        k = f"label.{name}."
+        print(f"{'mean':<14}{name:<{width}}{s[k + 'dice_mean']:>8.3f}{s[k + 'hd95_mean']:>10.2f}"
+              f"{s[k + 'nsd_mean']:>8.3f}{s[k + 'lesion_f1_mean']:>11.3f}")
+    head = f"{'mean':<14}" + (f"{'(over labels)':<{width}}" if labels else "")
+    print(head + f"{s['dice_mean']:>8.3f}{s['hd95_mean']:>10.2f}{s['nsd_mean']:>8.3f}{s['lesion_f1_mean']:>11.3f}")
     p, c = result["params"], result["cost"]
     updated = "" if p.get("updated_per_step") is None else f"; updated per step {p['updated_per_step']:,}"
     print(f"trainable {p['trainable']:,} of {p['total']:,} parameters{updated}; changed {p['changed']:,}; "

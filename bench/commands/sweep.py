@@ -52,6 +52,10 @@ def register(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list cells and estimate their cost; run nothing")
     p.add_argument("--slurm-partition", default=None)
     p.add_argument("--tracking-uri", default=None)
+    from bench.commands.evaluate import add_extra_arguments
+    add_extra_arguments(p)
+    p.add_argument("--no-extra-eval", action="store_true",
+                   help="skip forgetting and node-free false positives of the finished cells (`bench evaluate`)")
     p.set_defaults(func=main)
 
 
@@ -71,6 +75,8 @@ def main(args) -> int:
     specs = grid(methods, datasets, shots, range(pick("repeats", 5)), iterations=pick("iterations", 60),
                  foundation=pick("foundation", None), device=args.device, **extra)
     trials = pick("tune_trials", 0)
+    from bench.commands.evaluate import check_retention
+    check_retention(args)
     if args.dry_run:
         est = estimate_seconds(specs, trials)
         for s in specs:
@@ -81,4 +87,10 @@ def main(args) -> int:
     slurm = {"slurm_partition": args.slurm_partition} if args.slurm_partition else None
     outcomes = sweep(specs, executor=pick("executor", "local"), workers=pick("workers", 1), force=args.force,
                      tracking_uri=args.tracking_uri, tune_trials=trials, slurm=slurm, ray_address=args.ray_address)
+    if not args.no_extra_eval:  # after the cells, here: one process, skipping runs already evaluated
+        from bench.evaluation.extra import evaluate_runs
+        from bench.sweep import run_dir, tuned_spec
+        finals = [tuned_spec(s, trials) for s in specs]
+        folders = [run_dir(f) for f in finals if f is not None and (run_dir(f) / "result.json").is_file()]
+        evaluate_runs(folders, retention=args.retention, device=args.device)
     return 1 if any(o.status == "failed" for o in outcomes) else 0

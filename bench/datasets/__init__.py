@@ -6,7 +6,7 @@ from bench.datasets.base import Dataset, DatasetError
 
 
 def _load_all() -> None:
-    from bench.datasets import lnq2023, phantom, segrap2023  # noqa: F401
+    from bench.datasets import lnq2023, phantom, segrap2023, segrap2023_oars  # noqa: F401
 
 
 DATASETS: Registry = Registry("dataset", load=_load_all)  # loads every dataset on the first lookup

@@ -17,7 +17,7 @@ Same seed, same bytes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -30,6 +30,7 @@ from bench.datasets.base import Dataset
 
 PHANTOM_VERSION = 2  # bump when the generator's output changes
 MUSCLE_HU = 45.0
+NODE, GLAND, VESSEL = 1, 2, 3   # label values; phantom-multi labels all three, phantom nodes only
 
 Range = Tuple[float, float]
 
@@ -66,8 +67,11 @@ TARGET = Domain("target", (24, 60, 60), (2.5, 1.6, 1.6), noise_hu=(15.0, 30.0), 
                 seed_offset=100_000)
 
 
-def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
-    """Return (ct [HU, float32], label [uint8]) arrays of shape domain.shape (z, y, x)."""
+def generate_case(domain: Domain, index: int, seed: int = 0, structures: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Return (ct [HU, float32], label [uint8]) arrays of shape domain.shape (z, y, x).
+
+    ``structures``: the label also holds the gland-like ellipsoids (``GLAND``) and both jugular veins
+    (``VESSEL``), nodes winning where they overlap (``phantom-multi``); the image is the same either way."""
     rng = np.random.default_rng([seed, domain.seed_offset, index])
     nz, ny, nx = domain.shape
     sz, sy, sx = domain.spacing
@@ -105,11 +109,15 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
     ct[tube(cy - rng.uniform(16, 20), cx, rng.uniform(6, 8), 1.0)] = -900.0   # trachea
 
     vessels = []
+    jugular = np.zeros(domain.shape, bool)
     for side in (-1, 1):
         for dx, dy, r in ((18, -4, 3.5), (26, 1, 5.0)):     # carotid, jugular
             yc = cy + dy + rng.uniform(-2, 2)
             xc = cx + side * (dx + rng.uniform(-2, 2))
-            ct[tube(yc, xc, r * rng.uniform(0.9, 1.2), 2.0)] = vessel_hu + rng.normal(0, 8)
+            lumen = tube(yc, xc, r * rng.uniform(0.9, 1.2), 2.0)
+            ct[lumen] = vessel_hu + rng.normal(0, 8)
+            if dx == 26:
+                jugular |= lumen
             vessels.append((yc, xc, side))
 
     label = np.zeros(domain.shape, dtype=np.uint8)
@@ -140,8 +148,11 @@ def generate_case(domain: Domain, index: int, seed: int = 0) -> Tuple[np.ndarray
             ct[core & node] = rng.uniform(5.0, 30.0)
         label[contour & inner] = 1
 
-    add_distractors(ct, domain, np.random.default_rng([seed, domain.seed_offset, index, 1]), (Z, Y, X),
-                    (cy, cx), inner & (label == 0), node_hu, vessels)
+    glands, normal = add_distractors(ct, domain, np.random.default_rng([seed, domain.seed_offset, index, 1]), (Z, Y, X),
+                             (cy, cx), inner & (label == 0), node_hu, vessels)
+    if structures:
+        label[glands & (label == 0)] = GLAND
+        label[jugular & inner & ~normal & (label == 0)] = VESSEL   # where a normal node covers it, a node
     ct = gaussian_filter(ct, 0.6)           # partial-volume blur
     ct = ct * domain.hu_scale + domain.hu_offset + rng.normal(0, noise, domain.shape)
     return np.clip(ct, -1024, 3071).astype(np.float32), label
@@ -151,10 +162,12 @@ def add_distractors(ct, domain: Domain, rng, grid, centre, free, node_hu, vessel
     """What the target labels do not include, and the source never showed: normal (non-pathological) nodes,
     small and homogeneous like the source's labelled ones, and salivary-gland-like lobulated ellipsoids
     anterior-lateral to the vessels, as bright as the nodes. Drawn from their own random stream so that
-    domains without them keep their bytes. ``free``: soft tissue outside every labelled node."""
+    domains without them keep their bytes. ``free``: soft tissue outside every labelled node. Returns the
+    masks of the glands and of the normal nodes."""
     Z, Y, X = grid
     cy, cx = centre
     lo, hi = domain.normal_nodes
+    normal = np.zeros(ct.shape, bool)
     for _ in range(int(rng.integers(lo, hi + 1))):
         yc, xc, side = vessels[int(rng.integers(len(vessels)))]
         ang, dist = rng.uniform(-0.3, 1.2), rng.uniform(8, 14)
@@ -163,15 +176,19 @@ def add_distractors(ct, domain: Domain, rng, grid, centre, free, node_hu, vessel
         a, b, c = rng.uniform(3.5, 5.5, 3) * np.array([1.3, 1.0, 1.0])
         node = (((Z - nz_) / a) ** 2 + ((Y - ny_) / b) ** 2 + ((X - nx_) / c) ** 2 <= 1) & free
         ct[node] = node_hu + rng.normal(0, 5)
+        normal |= node
     lobules = gaussian_filter(rng.normal(0, 1, ct.shape), 1.0)
     lobules /= lobules.std() + 1e-6
     lo, hi = domain.glands
+    glands = np.zeros(ct.shape, bool)
     for _ in range(int(rng.integers(lo, hi + 1))):
         gy, gx = cy - rng.uniform(10, 22), cx + rng.choice([-1, 1]) * rng.uniform(18, 30)
         gz = rng.uniform(Z.min() / 2, Z.max() / 2)
         a, b, c = rng.uniform(7, 12), rng.uniform(6, 10), rng.uniform(6, 10)
         gland = (((Z - gz) / a) ** 2 + ((Y - gy) / b) ** 2 + ((X - gx) / c) ** 2 <= 1) & free
         ct[gland] = node_hu + rng.uniform(-5, 15) + 18.0 * lobules[gland]
+        glands |= gland
+    return glands, normal
 
 
 def _write(array: np.ndarray, spacing_zyx, path: Path) -> None:
@@ -185,6 +202,7 @@ class _PhantomBase(Dataset):
     domain: Domain
     n_cases: int
     prefix: str
+    structures = False      # label glands and veins too (generate_case)
 
     def case_id(self, i: int) -> str:
         return f"{self.prefix}_{i:03d}"
@@ -192,13 +210,14 @@ class _PhantomBase(Dataset):
     def prepare(self, source: Optional[Path] = None, seed: int = 0, **options) -> Path:
         if source is not None:
             raise ValueError(f"{self.name} is generated, it takes no --source")
-        stamp = f"phantom v{PHANTOM_VERSION} seed {seed} n {self.n_cases}\n"
+        stamp = (f"phantom v{PHANTOM_VERSION} seed {seed} n {self.n_cases}"
+                 + (" structures" if self.structures else "") + "\n")
         recipe = self.raw_dir() / "generator.txt"
         if self.is_prepared() and recipe.is_file() and recipe.read_text() == stamp:
             return self.raw_dir()  # idempotent: same recipe already generated
         with self.staging() as tmp:
             for i in range(self.n_cases):
-                ct, lab = generate_case(self.domain, i, seed)
+                ct, lab = generate_case(self.domain, i, seed, structures=self.structures)
                 cid = self.case_id(i)
                 _write(ct, self.domain.spacing, tmp / "imagesTr" / f"{cid}_0000.nii.gz")
                 _write(lab, self.domain.spacing, tmp / "labelsTr" / f"{cid}.nii.gz")
@@ -235,3 +254,31 @@ def protocol_v2() -> dict:
              "Results of v1 (generator v1, 10 test cases) are not comparable.")
     return make_protocol("phantom", "v2", pool=ids[30:], test=ids[:30], shots=(1, 3, 5), repeats=5, seed=2024,
                          notes=notes)
+
+
+# phantom-multi: the target domain with every case showing 1-2 glands, labelled with the nodes and both
+# jugular veins. Its own cases (seed offset), its own smaller protocol.
+MULTI_TARGET = replace(TARGET, glands=(1, 2), seed_offset=200_000)
+
+
+@DATASETS.register("phantom-multi")
+class PhantomMulti(_PhantomBase):
+    dataset_id = 903
+    folder_name = "Dataset903_PhantomMulti"
+    domain = MULTI_TARGET
+    n_cases = 24
+    prefix = "pm"
+    structures = True
+    labels = {"background": 0, "lymph_node": NODE, "gland": GLAND, "vessel": VESSEL}
+    description = "embedded synthetic multi-label task: nodes, glands, jugular veins (24 cases)"
+
+
+def protocol_multi_v1() -> dict:
+    """How ``bench/protocols/phantom-multi/v1.json`` was made (a test checks the committed file matches)."""
+    from bench.protocols import make_protocol
+    ids = [PhantomMulti().case_id(i) for i in range(PhantomMulti.n_cases)]
+    notes = (f"phantom generator v{PHANTOM_VERSION}, multi-label variant (docs/phantom.md): labels lymph_node, "
+             "gland, vessel. test = the first 12 generated cases; pool = the other 12. 3 repeats: a smaller "
+             "protocol than phantom's, for a task with three labels per case.")
+    return make_protocol("phantom-multi", "v1", pool=ids[12:], test=ids[:12], shots=(1, 3, 5), repeats=3,
+                         seed=2025, notes=notes)

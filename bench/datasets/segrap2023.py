@@ -72,17 +72,12 @@ class SegRap2023(ReleaseDataset):
         return {cid: _locate(cid, folders, onehot, nnunet, contrast_channel) for cid in ids}
 
     def convert(self, case: CaseSource, contrast_channel: bool = False, **_):
-        image_path = case.files["image"]
-        image = _read_volume(image_path, "image")
-        grid = Geometry.of(image)
-        images = [image]
-        if contrast_channel:
-            path = case.files["contrast"]
-            contrast = _read_volume(path, "contrast image")
-            check_same_grid(grid, Geometry.of(contrast), image_path, path, "contrast image")
-            images.append(contrast)
+        images = _read_images(case, contrast_channel)
+        return images, self._gtvnd(case, Geometry.of(images[0]))
 
-        label_path = case.files["label"]
+    def _gtvnd(self, case: CaseSource, grid: Geometry) -> np.ndarray:
+        """The case's binary GTVnd mask, from its GTVnd.nii.gz or its one-hot Task002 label."""
+        image_path, label_path = case.files["image"], case.files["label"]
         label = read_image(label_path)
         require_3d(label, label_path, "label")
         check_same_grid(grid, Geometry.of(label), image_path, label_path)
@@ -102,7 +97,19 @@ class SegRap2023(ReleaseDataset):
         if case.kind == "onehot" and values and ONEHOT_GTVND not in values and 1 in values:
             warn(f"{label_path}: one-hot label has only value 1 (= GTVp, primary tumour), so no lymph node is "
                  "left. If this file is already a binary lymph-node mask, use layout A (GTVnd.nii.gz).")
-        return images, np.asarray(array) == target
+        return np.asarray(array) == target
+
+
+def _read_images(case: CaseSource, contrast_channel: bool) -> List[sitk.Image]:
+    image_path = case.files["image"]
+    image = _read_volume(image_path, "image")
+    images = [image]
+    if contrast_channel:
+        path = case.files["contrast"]
+        contrast = _read_volume(path, "contrast image")
+        check_same_grid(Geometry.of(image), Geometry.of(contrast), image_path, path, "contrast image")
+        images.append(contrast)
+    return images
 
 
 Found = Dict[str, List[Path]]

@@ -89,3 +89,12 @@ def tiny_network(features=(4, 8), patch=(8, 16, 16), seed: int = 0) -> nn.Module
     torch.manual_seed(seed)
     plans = tiny_plans("Dataset999_Tiny", patch_size=patch, features=features)
     return build_network(plans, ONE_LABEL_DATASET_JSON)
+
+
+def build_from_architecture(architecture: dict, input_channels: int, num_classes: int,
+                            deep_supervision: bool = True) -> nn.Module:
+    """The network a plans ``architecture`` entry names, built as nnU-Net builds it (no plans around it)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    return get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                  architecture.get("_kw_requires_import", []), input_channels, num_classes,
+                                  allow_init=True, deep_supervision=deep_supervision)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from bench import progress
 from bench.home import subdir
 from bench.quiet import quiet
 
@@ -52,7 +53,7 @@ def preprocess(dataset, plans: dict, dataset_json: dict, configuration: str,
     if todo:
         log(f"preprocessing {len(todo)} case(s) of {dataset.name} with the foundation's plans -> {folder}")
     pre = DefaultPreprocessor(verbose=False)
-    for cid in todo:
+    for cid in progress.track(todo, "preprocessing"):
         with tempfile.TemporaryDirectory(dir=base) as tmp:
             with quiet():
                 pre.run_case_save(os.path.join(tmp, cid), dataset.image_files(cid), dataset.label_file(cid),

@@ -17,6 +17,7 @@ import torch
 
 from bench.engine.recipe import Recipe
 from bench.home import configure_nnunet_env
+from bench import progress
 from bench.memory import MemoryMeter
 from bench.quiet import quiet
 
@@ -92,8 +93,9 @@ def stop_data_loaders(trainer) -> None:
 
 def train_network(*, dataset, plans, dataset_json, configuration, method, init_state, train_ids, val_ids,
                   out_dir: Path, config: TrainConfig, seed: int, device="auto",
-                  log: Callable = print, epoch_callback=None) -> TrainOutcome:
-    """Preprocess (plan transfer), train with BenchTrainer, export stock weights."""
+                  log: Callable = print, epoch_callback=None, label: str = "training") -> TrainOutcome:
+    """Preprocess (plan transfer), train with BenchTrainer, export stock weights; ``label`` names the
+    training's progress bar."""
     from bench.engine.preprocess import preprocess
     from bench.engine.trainer import BenchTrainer
     from bench.methods.base import MethodContext
@@ -111,7 +113,7 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     trainer.setup(method=method, ctx=ctx, init_state=init_state, train_ids=train_ids, val_ids=val_ids,
                   preprocessed_base=str(base), output_folder=str(out_dir), iterations=config.iterations,
                   eval_every=config.eval_every, lr=config.recipe.lr, weight_decay=config.recipe.weight_decay,
-                  optimizer=config.recipe.optimizer, batch_size=config.batch_size, progress=log)
+                  optimizer=config.recipe.optimizer, batch_size=config.batch_size)
     scores: List[Dict[str, float]] = []
 
     def _on_epoch(epoch, s):
@@ -129,12 +131,17 @@ def train_network(*, dataset, plans, dataset_json, configuration, method, init_s
     updated = method.updates_per_step(net)
     if trainer.load_report:
         rep = trainer.load_report
-        heads = "loaded (label set matches)" if not rep["reinitialised"] else \
-            "re-initialised: " + ", ".join(rep["reinitialised"])
-        log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}")
+        fresh_keys = set(rep.get("fresh", ()))
+        head_keys = [k for k in rep["reinitialised"] if k not in fresh_keys]
+        heads = "loaded (label set matches)" if not head_keys else \
+            "re-initialised (the target's label set differs from the foundation's; one head per label set): " \
+            + ", ".join(head_keys)
+        fresh = f"; {len(fresh_keys)} tensors the checkpoint lacks initialised fresh" if fresh_keys else ""
+        log(f"foundation weights: {len(rep['loaded'])} tensors loaded; segmentation heads {heads}{fresh}")
     t0 = time.perf_counter()
     try:
-        with quiet(stdout=False):  # its progress lines are the suite's own
+        # stdout=False: what epoch_callback prints is the suite's own
+        with progress.task(label, total=config.iterations) as trainer.bar, quiet(stdout=False):
             trainer.run_training()
     except BaseException:
         # An exception out of the loop (e.g. optuna.TrialPruned raised by epoch_callback) skips

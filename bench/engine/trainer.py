@@ -20,9 +20,10 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from bench.checkpoint import match_weights
+from bench.checkpoint import is_head, match_weights
 from bench.engine.step import make_optimizer, training_step
 from bench.methods.base import Method, MethodContext, TrainStart
+from bench.progress import Task
 
 
 class BenchTrainer(nnUNetTrainer):
@@ -37,11 +38,12 @@ class BenchTrainer(nnUNetTrainer):
         self.step_times: List[float] = []
         self.epoch_callback: Optional[Callable[[int, Dict[str, float]], None]] = None
         self.load_report: Dict[str, List[str]] = {}
+        self.bar = Task("training", None)  # bench.engine.train puts a shown progress task here
 
     def setup(self, *, method: Method, ctx: MethodContext, init_state: Optional[Dict[str, torch.Tensor]],
               train_ids: Sequence[str], val_ids: Sequence[str], preprocessed_base: str, output_folder: str,
               iterations: int, eval_every: int, lr: float, weight_decay: float, optimizer: str,
-              batch_size: Optional[int] = None, progress: Callable[[str], None] = print) -> "BenchTrainer":
+              batch_size: Optional[int] = None) -> "BenchTrainer":
         self.method, self.ctx, self.init_state = method, ctx, init_state
         self._split = (list(train_ids), list(val_ids or train_ids))
         self.preprocessed_dataset_folder_base = str(preprocessed_base)
@@ -66,7 +68,6 @@ class BenchTrainer(nnUNetTrainer):
             self.configuration_manager.configuration["batch_size"] = batch_size
         # The harness exports its own stock-loadable checkpoint at the end of a run.
         self.disable_checkpointing = True
-        self.progress = progress
         return self
 
     # --- what nnU-Net asks the trainer ---------------------------------------------------
@@ -76,9 +77,12 @@ class BenchTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         """nnU-Net calls this right after building the network: the place where the foundation
         weights are loaded and the method decides what is trained."""
+        fresh = []
         if self.init_state is not None:
             self.load_report = load_weights(self.network, self.init_state)
+            fresh = [p for n, p in self.network.named_parameters() if n in set(self.load_report["fresh"])]
         self.network = self.method.prepare(self.network, self.ctx).to(self.device)
+        check_fresh_weights_trained(self.method, fresh)
         optimizer = make_optimizer(self.optimizer_name, self.method.param_groups(self.network),
                                    self.initial_lr, self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
@@ -87,6 +91,7 @@ class BenchTrainer(nnUNetTrainer):
         super().on_train_start()
         self.method.on_train_start(TrainStart(self.network, self.dataloader_train, self.loss_on_batch, self.device))
         self.global_step = 0
+        self.bar.update(completed=self.calibration_passes)  # they come out of the iteration budget
         self._t_start = time.perf_counter()
 
     def on_train_epoch_start(self):
@@ -122,7 +127,9 @@ class BenchTrainer(nnUNetTrainer):
         sync()
         self.step_times.append(time.perf_counter() - t0)
         self.global_step += 1
-        return {"loss": loss.cpu().numpy()}
+        loss = loss.detach().cpu().numpy()
+        self.bar.advance(loss=float(loss))
+        return {"loss": loss}
 
     def on_epoch_end(self):
         # nnU-Net's version also plots a progress PNG and writes checkpoints every epoch;
@@ -131,10 +138,7 @@ class BenchTrainer(nnUNetTrainer):
         scores = {"train_loss": float(self.logger.get_value("train_losses", step=-1)),
                   "val_loss": float(self.logger.get_value("val_losses", step=-1)),
                   "val_pseudo_dice": float(np.nanmean(self.logger.get_value("dice_per_class_or_region", step=-1)))}
-        it = self.global_step + self.calibration_passes
-        self.progress(f"  it {it:>4}/{self.total_steps + self.calibration_passes}  "
-                      f"loss {scores['train_loss']:.3f}  tune pseudo-Dice {scores['val_pseudo_dice']:.3f}  "
-                      f"{np.median(self.step_times[-self.num_iterations_per_epoch:]):.2f} s/it")
+        self.bar.update(**{"tune pseudo-Dice": scores["val_pseudo_dice"]})
         if self.epoch_callback is not None:
             self.epoch_callback(self.current_epoch, scores)
         self.current_epoch += 1
@@ -147,4 +151,15 @@ def load_weights(network: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Di
     own = network.state_dict()
     loaded, reinit = match_weights({k: tuple(v.shape) for k, v in own.items()}, state)
     network.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    return {"loaded": loaded, "reinitialised": reinit}
+    # "fresh": what the checkpoint never held (a self-supervised encoder's missing decoder), heads aside
+    return {"loaded": loaded, "reinitialised": reinit, "fresh": [k for k in reinit if not is_head(k)]}
+
+
+def check_fresh_weights_trained(method, fresh: List[torch.nn.Parameter]) -> None:
+    """Refuse a method that would keep never-trained weights frozen (e.g. linear probing on a
+    self-supervised encoder, whose decoder is random): its result would measure a random decoder."""
+    frozen = sum(1 for p in fresh if not p.requires_grad)
+    if frozen:
+        raise ValueError(f"{method.name} keeps {frozen} of the {len(fresh)} tensors the foundation checkpoint "
+                         "never trained (its decoder) frozen at their random initialisation. Use a method that "
+                         "trains the decoder (full, dgst, decoder, l2sp), or a foundation with a trained decoder.")

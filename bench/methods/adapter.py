@@ -12,7 +12,7 @@ weights load into the adapted network as they are.
 
 Adapters cannot be merged (nonlinear). ``export`` therefore returns an
 architecture override naming ``AdapterPlainConvUNet`` or
-``AdapterResidualEncoderUNet``: stock nnU-Net classes that insert the same
+``AdapterResidualEncoderUNet`` (``AdapterSTUNet`` for STU-Net): stock nnU-Net classes that insert the same
 adapters in ``__init__`` from two extra kwargs, so ``get_network_from_plans``
 rebuilds the network from a plans.json whose architecture entry was replaced.
 Building the override needs the foundation's plans architecture entry, passed
@@ -27,6 +27,7 @@ import numpy as np
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
+from bench.architectures.stunet import STUNet
 from bench.methods import METHODS
 from bench.methods.base import Method, MethodContext, is_head
 from bench.options import positive_int
@@ -64,7 +65,7 @@ def _stage_sequence(stage: nn.Module) -> nn.Sequential:
             if isinstance(seq, nn.Sequential):
                 return seq
     raise ValueError(f"adapters: cannot find the block sequence of a {type(stage).__name__} stage "
-                     "(supported: nnU-Net's PlainConvUNet and ResidualEncoderUNet)")
+                     "(supported: nnU-Net's PlainConvUNet and ResidualEncoderUNet, STUNet)")
 
 
 def insert_adapters(network: nn.Module, reduction: int, target: str = "all") -> List[ConvAdapter]:
@@ -111,7 +112,13 @@ class AdapterResidualEncoderUNet(_WithAdapters, ResidualEncoderUNet):
     initialize = _keeps_adapters_identity(ResidualEncoderUNet.initialize)
 
 
-ADAPTED = {PlainConvUNet: AdapterPlainConvUNet, ResidualEncoderUNet: AdapterResidualEncoderUNet}
+class AdapterSTUNet(_WithAdapters, STUNet):
+    """STU-Net with residual conv adapters (rebuilt by nnU-Net from plans)."""
+    initialize = _keeps_adapters_identity(STUNet.initialize)
+
+
+ADAPTED = {PlainConvUNet: AdapterPlainConvUNet, ResidualEncoderUNet: AdapterResidualEncoderUNet,
+           STUNet: AdapterSTUNet}
 
 
 def adapted_class(network: nn.Module) -> type:

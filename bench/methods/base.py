@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Opti
 import torch
 from torch import nn
 
+from bench.checkpoint import is_head  # noqa: F401 - methods import it from here
 from bench.options import OptionError, check_for_default
 
 
@@ -37,9 +38,14 @@ class TrainStart:
     device: torch.device = torch.device("cpu")
 
 
-def is_head(name: str) -> bool:
-    """nnU-Net's segmentation heads: all deep-supervision outputs live in ``seg_layers``."""
-    return ".seg_layers." in f".{name}"
+def encoder_of(network: nn.Module, what: str) -> nn.Module:
+    """The encoder of a U-Net with nnU-Net's encoder/decoder split, or a clear refusal for ``what`` needs it."""
+    if isinstance(getattr(network, "encoder", None), nn.Module) and isinstance(getattr(network, "decoder", None),
+                                                                                nn.Module):
+        return network.encoder
+    raise ValueError(f"{what} needs a network with an encoder/decoder split (nnU-Net's PlainConvUNet, "
+                     f"ResidualEncoderUNet, ...); {type(network).__name__} has none: use a method that does not "
+                     "select by encoder or decoder (e.g. full, dgst, lora with target=all)")
 
 
 def is_norm(module: nn.Module) -> bool:

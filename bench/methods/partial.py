@@ -13,7 +13,7 @@ from typing import Set
 from torch import nn
 
 from bench.methods import METHODS
-from bench.methods.base import Method, MethodContext, is_head, norm_parameter_names
+from bench.methods.base import Method, MethodContext, encoder_of, is_head, norm_parameter_names
 
 
 class PartialFineTuning(Method):
@@ -44,7 +44,7 @@ class DecoderOnly(PartialFineTuning):
     def selected(self, network):
         # nnU-Net's decoder holds a reference to the encoder (``decoder.encoder``): select by
         # tensor identity, not by name prefix, so encoder weights never count as decoder weights.
-        encoder = {id(p) for p in network.encoder.parameters()}
+        encoder = {id(p) for p in encoder_of(network, self.name).parameters()}
         decoder = {id(p) for p in network.decoder.parameters()} - encoder
         return {n for n, p in network.named_parameters() if id(p) in decoder}
 

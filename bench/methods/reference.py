@@ -48,6 +48,9 @@ def foundation_as_is(foundation, plans: dict, dataset_json: dict):
     """The outcome of not training: the foundation's own weights (heads included), nothing changed."""
     from bench.engine.train import TrainOutcome, parameter_keys
 
+    if getattr(foundation.state_dict, "fresh_prefixes", ()):
+        raise NotApplicable(f"zero-shot is not applicable: foundation {foundation.name} is "
+                            f"{foundation.state_dict.why}; there is nothing to predict with before fine-tuning.")
     theirs: Dict[str, int] = foundation.dataset_json["labels"]
     ours: Dict[str, int] = dataset_json["labels"]
     if theirs != ours:

@@ -3,7 +3,7 @@ names of synthetic test data).
 
 - ``proposed``: the method whose claim is checked (DGST).
 - ``ablation``: DGST's own variants (``dgst-*``); they are not "existing few-shot methods".
-- ``control``: training from scratch, a floor that shows what the foundation adds; not a competitor.
+- ``control``: training from scratch (``scratch``; ``scratch-light``: a small specialist network), a floor that shows what the foundation adds; not a competitor.
 - ``reference``: rows that bound the task (zero-shot, oracle): never the leader, never in a test family.
 - ``baseline``: everything else, including names this table does not know: the existing methods a
   claim is made against.
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 PROPOSED = "dgst"
 ROLES = ("proposed", "ablation", "baseline", "control", "reference")
-_FIXED = {PROPOSED: "proposed", "scratch": "control", "zero-shot": "reference", "oracle": "reference"}
+_FIXED = {PROPOSED: "proposed", "scratch": "control", "scratch-light": "control",
+          "zero-shot": "reference", "oracle": "reference"}
 
 
 def role(name: str) -> str:

@@ -76,6 +76,7 @@ def network_spec(key: str, device: torch.device, patch: Optional[Sequence[int]] 
                  batch: Optional[int] = None) -> NetworkSpec:
     """``tiny``: the phantom foundation's architecture; ``default``: nnU-Net's default
     3d_fullres for H&N CT (patch 56x192x160 on CUDA, 16x64x64 batch 1 on CPU);
+    ``stunet``: STU-Net-S at its published widths (patch 128^3 on CUDA, 64^3 batch 1 on CPU);
     ``test``: a seconds-fast network for the test-suite."""
     from bench.engine.network import tiny_plans
     from bench.foundation import PHANTOM_INTENSITY
@@ -94,7 +95,15 @@ def network_spec(key: str, device: torch.device, patch: Optional[Sequence[int]] 
         plans = tiny_plans("Dataset999_Tiny", patch_size=tuple(patch or (8, 16, 16)), features=(4, 8, 16),
                            batch_size=batch or 1)
         spec = NetworkSpec("test", "test network (PlainConvUNet, 3 stages, 4-16 features)", plans)
+    elif key == "stunet":  # STU-Net-S at its published widths; its 128^3 patch on CUDA
+        from bench.architectures.stunet import STUNET_SIZES, stunet_architecture
+        plans = tiny_plans("Dataset991_STUNetS", patch_size=tuple(patch or ((64, 64, 64) if cpu else (128,) * 3)),
+                           spacing=(1.5, 1.5, 1.5), features=STUNET_SIZES["S"]["features_per_stage"],
+                           batch_size=batch or (1 if cpu else 2))
+        plans["configurations"]["3d_fullres"]["architecture"] = stunet_architecture(
+            STUNET_SIZES["S"]["features_per_stage"], STUNET_SIZES["S"]["n_blocks_per_stage"], [[1, 1, 1]] + [[2] * 3] * 5)
+        spec = NetworkSpec("stunet", "STU-Net-S (bench.architectures.stunet, 6 stages, 16-256 features)", plans)
     else:
-        raise ValueError(f"unknown network {key!r}: use tiny, default or both")
+        raise ValueError(f"unknown network {key!r}: use tiny, default, stunet or both")
     _check_patch(spec)
     return spec

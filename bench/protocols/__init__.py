@@ -71,6 +71,9 @@ class Protocol:
         self.pool: List[str] = list(data["pool"])
         self.shots: List[int] = list(data["shots"])
         self.n_repeats = len(data["repeats"])
+        # Optional: label-empty cases (no node to find), scored for false positives by `bench evaluate
+        # --extra nodefree`; never trained or tested on. Not part of the splits.
+        self.node_free: List[str] = list(data.get("node_free", []))
 
     @classmethod
     def load(cls, dataset: str, version: Optional[str] = None) -> "Protocol":
@@ -103,7 +106,10 @@ class Protocol:
     def check(self, case_ids: Iterable[str]) -> None:
         """Every id the protocol names exists; test is disjoint from every support/tune set."""
         present = set(case_ids)
-        named = set(self.test) | set(self.pool)
+        named = set(self.test) | set(self.pool) | set(self.node_free)
+        if set(self.node_free) & (set(self.test) | set(self.pool)):
+            raise ProtocolError(f"{self.path}: node_free cases must be neither test nor pool cases: "
+                                f"{', '.join(sorted(set(self.node_free) & (set(self.test) | set(self.pool))))}")
         missing = sorted(named - present)
         if missing:
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""

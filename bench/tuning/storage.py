@@ -30,17 +30,19 @@ def open_storage(url: Optional[str] = None) -> StudyStorage:
     from optuna.storages.journal import JournalFileBackend, JournalStorage
     if url and "://" in url:
         from sqlalchemy.engine import make_url
+        from bench.locks import lock
         import warnings
         label = make_url(url).render_as_string(hide_password=True)
         with warnings.catch_warnings():  # heartbeat_interval is flagged experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             try:
-                storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                                     heartbeat_interval=RDB_HEARTBEAT_S,
-                                                     grace_period=RDB_GRACE_S)
+                with lock(url, "optuna-schema"):  # workers starting together on a fresh database
+                    storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                                         heartbeat_interval=RDB_HEARTBEAT_S,
+                                                         grace_period=RDB_GRACE_S)
             except ImportError as e:
                 raise ValueError(f"--storage {label}: no database driver for this URL ({e}); install one, "
-                                 "e.g. `pip install psycopg2-binary` for postgresql://") from None
+                                 "e.g. `pip install 'lnbench[scale]'` (psycopg 3) for postgresql://") from None
         return StudyStorage(storage, label, "rdb")
     path = Path(url).expanduser().resolve() if url else journal_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from bench import progress as progress_bars
 from bench.tracking import StudyTracker
 from bench.tuning.bookkeeping import fail_dead_trials, make_pruner, sampler_seed, summarize, uses_budget
 from bench.tuning.objective import (ITERATION_FACTORS, LR_RANGE, OBJECTIVE, Objective, TestSetAccessError,
@@ -116,7 +117,10 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, budget: Optional
         tracker = StudyTracker(tracking_uri, name, st.label,
                            params={k: (",".join(map(str, v)) if isinstance(v, list) else v) for k, v in setup.items()},
                            tags={"method": method, "dataset": dataset, "shots": shots,
-                                 "budget.trials": trials, "params_source": "tuning"})
+                                 "budget.trials": trials, "params_source": "tuning"},
+                           lock_target=storage if st.kind == "rdb" else st.label)
+        tracker.close_orphan_trials(name, {t.number: (t.state.name, t.user_attrs.get("error", ""))
+                                           for t in probe.get_trials(deepcopy=False) if t.state.is_finished()})
         state = _Study(method=method, dataset=dataset, shots=shots, repeats=repeats, protocol=protocol, name=name,
                        trials=trials,
                        source=source, iterations=iterations, tune_iterations=tune_iterations, tracker=tracker,
@@ -155,9 +159,10 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, budget: Optional
         status = "FINISHED"
         try:
             if n_new:
-                study.optimize(state, n_trials=n_new, catch=(Exception,),
-                               callbacks=[progress, optuna.study.MaxTrialsCallback(
-                                   trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+                with progress_bars.trials(n_new, hide_nested=not verbose) as on_trial:
+                    study.optimize(state, n_trials=n_new, catch=(Exception,),
+                                   callbacks=[progress, on_trial, optuna.study.MaxTrialsCallback(
+                                       trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
             if state.leak is not None:
                 raise state.leak
         except BaseException:

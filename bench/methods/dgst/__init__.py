@@ -43,7 +43,9 @@ from bench.methods.dgst.selection import entries_per_row, mask_from_indices, ran
 from bench.methods.penalty import FoundationAnchor
 from bench.options import positive_int
 
-ALWAYS_FROZEN_KEYS = ("pos_embed", "cls_token", "absolute_pos_embed", "position_embedding")
+# positional embeddings and class tokens; Swin's learned relative position bias is its positional encoding
+ALWAYS_FROZEN_KEYS = ("pos_embed", "cls_token", "absolute_pos_embed", "position_embedding",
+                      "relative_position_bias_table")
 
 
 def partition(network: nn.Module, hierarchical: bool = True) -> Dict[str, List[str]]:

@@ -22,14 +22,16 @@ from typing import Dict, List, Set
 import torch
 from torch import nn
 
-from bench.methods.base import is_head
+from bench.methods.base import encoder_of, is_head
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # exact types: peft has no LoRA for ConvTranspose
+# exact types: peft has no LoRA for ConvTranspose. Linear: attention and MLP layers of transformer
+# foundations (SwinUNETR); nnU-Net's U-Nets have none.
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def target_module_names(network: nn.Module, target: str) -> List[str]:
     """Names (as peft sees them) of the backbone convs in ``target``: "all", "encoder" or "decoder"."""
-    encoder = {id(m) for m in network.encoder.modules()}
+    encoder = {id(m) for m in encoder_of(network, f"LoRA target {target!r}").modules()} if target != "all" else set()
     region = {"all": lambda m: True,
               "encoder": lambda m: id(m) in encoder,
               "decoder": lambda m: id(m) not in encoder}  # decoder.encoder is the encoder itself
@@ -73,9 +75,10 @@ def add_lora(network: nn.Module, names: List[str], r: int, alpha: float, dropout
 
 
 def delta_weight(layer: nn.Module) -> torch.Tensor:
-    """scaling * B @ A for a conv LoRA layer: A carries the kernel, B is 1x1, so the product is a conv weight."""
+    """scaling * B @ A: for a conv, A carries the kernel and B is 1x1, so the product is a conv weight; for a
+    Linear it is the (out, in) matrix product."""
     base = layer.get_base_layer()
-    if base.groups != 1:
+    if getattr(base, "groups", 1) != 1:
         raise NotImplementedError("merging LoRA into grouped convolutions is not supported")
     delta = torch.zeros_like(base.weight)
     for name in layer.active_adapters:
