@@ -2,6 +2,7 @@
 to a v2 model folder, fine-tuned by every method and predicted by stock nnU-Net."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -241,7 +242,7 @@ def test_every_method_fine_tunes_the_converted_stunet_and_stock_nnunet_predicts(
             assert not load_weights(net, init)["reinitialised"]
         net = method.prepare(net, MethodContext(foundation_state=init or {}, extra={"architecture": arch}))
         optimizer = make_optimizer("sgd", method.param_groups(net), 1e-2, 3e-5)
-        method.on_train_start(_Shell(net, data, target))
+        method.on_train_start(_train_start(net, data, target))
         for step in range(2):
             training_step(net, method, optimizer, deep_supervision_loss, data, target, step)
         state, override = method.export(net)
@@ -275,12 +276,8 @@ def deep_supervision_loss(outputs, target):
     return sum(dice_ce(o, F.interpolate(target, size=o.shape[2:], mode="nearest")) for o in outputs)
 
 
-class _Shell:
-    """What ``Method.on_train_start`` may use (DGST's calibration): the network, batches, the loss."""
-
-    def __init__(self, network, data, target):
-        self.network, self.batch = network, {"data": data, "target": target}
-        self.dataloader_train = iter(lambda: self.batch, None)
-
-    def loss_on_batch(self, batch):
-        return deep_supervision_loss(self.network(batch["data"]), batch["target"])
+def _train_start(network, data, target):
+    """What ``Method.on_train_start`` gets (DGST's calibration): the network, batches, the loss on a batch."""
+    from bench.methods.base import TrainStart
+    return TrainStart(network, itertools.repeat({"data": data, "target": target}),
+                      lambda batch: deep_supervision_loss(network(batch["data"]), batch["target"]))
