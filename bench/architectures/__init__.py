@@ -8,7 +8,18 @@ loads in ``nnUNetPredictor`` wherever this package is importable.
 
 - ``light.LightUNet``: a small depthwise-separable U-Net (``scratch-light``).
 - ``stunet.STUNet``: STU-Net's scalable residual U-Net (converted v1 checkpoints, ``bench.stunet``).
+- ``swin_unetr.SwinUNETRNet``: MONAI's SwinUNETR with its own state-dict keys (it has no encoder/decoder
+  split: methods that select by one refuse it).
 """
+
+
+def stage_outputs(stages, x) -> list:
+    """An encoder's forward: every stage's output, in order (the decoder's skips)."""
+    skips = []
+    for stage in stages:
+        x = stage(x)
+        skips.append(x)
+    return skips
 
 
 def class_path(cls) -> str:

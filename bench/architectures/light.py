@@ -21,7 +21,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn import functional as F
 
-from bench.architectures import class_path
+from bench.architectures import class_path, stage_outputs
 
 
 def _listed(value, n: int) -> List[int]:
@@ -77,11 +77,7 @@ class LightEncoder(nn.Module):
             setattr(self, key, value)
 
     def forward(self, x) -> List[torch.Tensor]:
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
+        return stage_outputs(self.stages, x)
 
 
 class LightDecoder(nn.Module):

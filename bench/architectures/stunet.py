@@ -35,6 +35,8 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from torch import nn
 from torch.nn import functional as F
 
+from bench.architectures import stage_outputs
+
 # Published STU-Net sizes (the released trainers STUNetTrainer_small/base/large/huge).
 STUNET_SIZES = {
     "S": {"features_per_stage": [16, 32, 64, 128, 256, 256], "n_blocks_per_stage": [1] * 6},
@@ -103,11 +105,7 @@ class STUNetEncoder(nn.Module):
         self.kernel_sizes, self.strides = [list(k) for k in kernel_sizes], [list(s) for s in strides]
 
     def forward(self, x) -> List[torch.Tensor]:
-        skips = []
-        for stage in self.stages:
-            x = stage(x)
-            skips.append(x)
-        return skips
+        return stage_outputs(self.stages, x)
 
 
 class STUNetDecoder(nn.Module):
