@@ -102,3 +102,18 @@ def test_build_into_a_folder_records_recipe_command_and_source_dice(bench_home, 
     assert set(info["source_dice"]) == set(info["val_ids"]) and all(0 <= d <= 1 for d in info["source_dice"].values())
     assert load_foundation(out).plans["configurations"]["3d_fullres"]["patch_size"] == PHANTOM_RECIPE["plans"]["patch_size"]
     assert str(out) in capsys.readouterr().out
+
+
+
+# The committed leaderboard's runs were made on these bytes: a change to the generator (even only to the
+# order of its random draws) must bump PHANTOM_VERSION and the protocol, not silently shift the data.
+# (sha256 prefixes of case 0: the image rounded to 0.1 HU, and the label)
+GENERATED = {"source": ("6b829d18b9c9687a", "f882ad7063858599"), "target": ("23798b9231a6fb72", "d8074dc922c1d90f")}
+
+
+@pytest.mark.parametrize("domain", ["source", "target"])
+def test_generator_output_is_pinned(domain):
+    import hashlib
+    ct, label = generate_case({"source": SOURCE, "target": TARGET}[domain], 0)
+    digest = (hashlib.sha256(np.round(ct, 1).tobytes()).hexdigest()[:16], hashlib.sha256(label.tobytes()).hexdigest()[:16])
+    assert digest == GENERATED[domain], "the phantom generator's output changed: bump PHANTOM_VERSION"

@@ -114,8 +114,9 @@ def generate_case(domain: Domain, index: int, seed: int = 0, structures: bool = 
         for dx, dy, r in ((18, -4, 3.5), (26, 1, 5.0)):     # carotid, jugular
             yc = cy + dy + rng.uniform(-2, 2)
             xc = cx + side * (dx + rng.uniform(-2, 2))
+            value = vessel_hu + rng.normal(0, 8)   # drawn before the lumen, as the generator always has
             lumen = tube(yc, xc, r * rng.uniform(0.9, 1.2), 2.0)
-            ct[lumen] = vessel_hu + rng.normal(0, 8)
+            ct[lumen] = value
             if dx == 26:
                 jugular |= lumen
             vessels.append((yc, xc, side))
