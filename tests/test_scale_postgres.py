@@ -121,7 +121,8 @@ def _objective(trial, specs) -> float:
 
 def _tune(storage: str, tracking_uri: str) -> dict:
     from bench import tuning
-    return tuning.tune(METHOD, shots=1, trials=BUDGET, repeats=[0], iterations=2, device="cpu", storage=storage,
+    budget = tuning.StudyBudget(trials=BUDGET, repeats=[0], iterations=2)
+    return tuning.tune(METHOD, shots=1, budget=budget, device="cpu", storage=storage,
                        study_name=STUDY, tracking_uri=tracking_uri, objective=_objective, log=lambda *a: None)
 
 

@@ -225,7 +225,8 @@ def evaluate_run(run_folder, axes: Sequence[str] = AXES, retention: Optional[str
         if s.axis == "retention":
             foundation = load_foundation(foundation_path)
             plans = transfer_plans(foundation.plans, model.plans["dataset_name"])
-            before = foundation_scores(foundation, s, plans, model.dataset_json, dev, log)
+            # the foundation with its own head (a multi-label run's export has another)
+            before = foundation_scores(foundation, s, plans, foundation.dataset_json, dev, log)
             same = plans == model.plans and _same_weights(model.state_dict, foundation.state_dict)
             rows = before["cases"] if same else score_set(predictor, s)
             after = float(np.mean([r["dice"] for r in rows]))
