@@ -144,6 +144,7 @@ class StudyTracker:
         self.client = mlflow.MlflowClient()
         self.exp_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
         self.base_tags = {k: str(v) for k, v in tags.items()}
+        self.lock_target, self.study_name = lock_target, study_name
         with lock(lock_target, f"study-run:{study_name}"):
             existing = [r for r in self.client.search_runs([self.exp_id], "tags.kind = 'study'",
                                                             order_by=["attributes.start_time DESC"], max_results=1000)
@@ -193,6 +194,11 @@ class StudyTracker:
         return n
 
     def end_study(self, summary: dict, tuned_file: Optional[Path], status: str = "FINISHED") -> None:
+        # workers sharing the study end its one run together: their tag writes would collide
+        with lock(self.lock_target, f"study-run:{self.study_name}"):
+            self._end_study(summary, tuned_file, status)
+
+    def _end_study(self, summary: dict, tuned_file: Optional[Path], status: str) -> None:
         counts = summary["trials"]
         for k, v in counts.items():
             self.client.log_metric(self.study_run, f"trials_{k}", float(v))

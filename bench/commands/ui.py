@@ -47,17 +47,24 @@ def main(args) -> int:
     print(f"MLflow UI: http://{args.host}:{args.port}")
     if args.optuna:
         print(f"optuna-dashboard: http://{args.host}:{args.optuna_port}")
-    print("Ctrl-C stops them.")
+    print("Ctrl-C stops them.", flush=True)
+    stop = []
+    # explicit handlers: a shell that starts us in the background leaves SIGINT ignored, so Python's own
+    # KeyboardInterrupt would never come
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
     try:
-        while all(p.poll() is None for p in procs):
+        while not stop and all(p.poll() is None for p in procs):
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
-            p.wait(timeout=30)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a server that ignores SIGTERM
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     failed = [p.returncode for p in procs if p.returncode and p.returncode > 0]
     return failed[0] if failed else 0
