@@ -32,6 +32,24 @@ def _per_method(runs: pd.DataFrame, column: str) -> Dict[str, str]:
             for m, g in runs.groupby("method")}
 
 
+def iterations_line(runs: pd.DataFrame) -> str:
+    """The budget: iterations per shot count for the compared methods (the same for every method of a
+    table), the reference rows' own (the oracle trains on the whole pool: ``Dataset.budget``)."""
+    from bench.methods.roles import role
+    if not _values(runs, "iterations"):
+        return "Iterations: not recorded."
+    def listed(g: pd.DataFrame) -> str:
+        return ", ".join(str(int(i)) for i in _values(g, "iterations"))
+    trained = runs[runs["trainable_params"] != 0] if "trainable_params" in runs.columns else runs
+    reference = trained["method"].map(role) == "reference"
+    if len(_values(trained, "iterations")) == 1:
+        return f"Iterations: {listed(trained)} per run, the same for every method of a table."
+    per_shots = "; ".join(f"{listed(g)} at {s}-shot" for s, g in trained[~reference].groupby("shots"))
+    own = "; ".join(f"{m} {listed(g)}" for m, g in trained[reference].groupby("method"))
+    return (f"Iterations: {per_shots or 'none compared'}, the same for every method of a table"
+            + (f" (the dataset's budget for the cases a run trains on: {own})." if own else "."))
+
+
 def provenance(df: pd.DataFrame, dataset: str) -> List[str]:
     """Caption lines that say what produced ``df``'s rows of ``dataset``: synthetic or real data, the
     network's size, iterations, how many of the protocol's repeats were run, where hyper-parameters came
@@ -62,9 +80,7 @@ def provenance(df: pd.DataFrame, dataset: str) -> List[str]:
     else:
         lines.append(f"Network: at least {int(runs.trainable_params.max()):,} parameters (the largest trainable "
                      "count; these results do not record the total).")
-    iterations = _values(runs, "iterations")
-    lines.append("Iterations: " + (", ".join(str(int(i)) for i in iterations) if iterations else "not recorded")
-                 + " per run, the same for every method of a table.")
+    lines.append(iterations_line(runs))
     for version in _values(runs, "protocol_version"):
         done = runs[runs.protocol_version == version]
         ran = done.groupby("shots")["repeat"].nunique()

@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -38,7 +39,7 @@ class RunSpec:
     repeat: int = 0
     seed: Optional[int] = None           # None: derived from the protocol and the repeat (provenance.derive_seed)
     iterations: Optional[int] = None     # forward/backward passes, a method's calibration passes included;
-                                         # None: the dataset's budget (Dataset.default_iterations)
+                                         # None: the dataset's budget for the cases trained on (Dataset.budget)
     lr: Optional[float] = None           # None (lr, optimizer, weight_decay): the method's recipe, else the
     optimizer: Optional[str] = None      # harness default (bench.engine.recipe)
     weight_decay: Optional[float] = None
@@ -56,8 +57,24 @@ class RunSpec:
         if self.iterations is None or self.eval_every is None:
             from bench.datasets import DATASETS
             ds = DATASETS.get(self.dataset)
-            self.iterations = ds.default_iterations if self.iterations is None else self.iterations
+            self.iterations = ds.budget(self.training_cases()) if self.iterations is None else self.iterations
             self.eval_every = ds.default_eval_every if self.eval_every is None else self.eval_every
+
+    def training_cases(self) -> int:
+        """How many labelled cases the run trains on: the support set's size, the whole pool for the
+        oracle, none for a method that does not train. A protocol that cannot be read yet (or lacks this
+        split) counts the shots; the run itself reports the bad split."""
+        from bench.methods import METHODS
+        from bench.protocols import Protocol, ProtocolError
+        method = METHODS.get(self.method)
+        if not method.trains:
+            return 0
+        try:
+            protocol = Protocol.load(self.dataset, self.protocol_version)
+            split = protocol.split(self.shots, self.repeat)
+        except (ProtocolError, OSError, ValueError, KeyError):
+            return self.shots
+        return len(method.training_ids(split.support, protocol.pool))
 
     def recipe(self) -> Recipe:
         from bench.methods import METHODS
@@ -184,10 +201,14 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     train_ids = method.training_ids(split.support, protocol.pool)
     if set(train_ids) & set(eval_ids):
         raise ValueError(f"{spec.method} trains on {spec.evaluate_on} cases; it cannot be evaluated on them")
+    twin = None if method.depends_on_shots else finished_twin(spec, protocol)
+    if twin is not None:
+        return reuse_twin(spec, *twin, split, out, log, tracking_uri, parent_run_id)
     if method.trains:
         outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
                                 configuration=foundation.configuration, method=method,
-                                init_state=init_state, train_ids=train_ids, val_ids=split.tune or split.support,
+                                init_state=init_state, train_ids=train_ids,
+                                val_ids=method.validation_ids(split.tune, split.support, protocol.pool),
                                 out_dir=out / "training",
                                 config=TrainConfig(recipe, spec.iterations, spec.eval_every, spec.batch_size),
                                 device=dev, seed=seed, log=log, epoch_callback=epoch_callback,
@@ -250,9 +271,42 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         "foundation_load": {k: len(v) for k, v in outcome.load_report.items()},
         "epochs": outcome.epoch_scores, "summary": summary, "cases": cases, "model_dir": str(model_dir),
     }
+    return record(result, out, tracking_uri, parent_run_id)
+
+
+def record(result: dict, out: Path, tracking_uri: Optional[str], parent_run_id: Optional[str]) -> dict:
+    """Log a finished run to MLflow, then write its result.json (last, atomically)."""
     from bench.tracking import log_result
     result["mlflow_run_id"] = log_result(result, out, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "result.json")
     return result
+
+
+def finished_twin(spec: RunSpec, protocol) -> Optional[Tuple[Path, dict]]:
+    """The folder and result of a finished run of ``spec`` at another of the protocol's shot counts: for a
+    method that reads nothing of the shots (``Method.depends_on_shots``) it trained and predicted exactly
+    what this run would (same cases, seed, budget, recipe)."""
+    for shots in protocol.shots:
+        if shots != spec.shots:
+            folder = run_dir(replace(spec, shots=shots))
+            if (folder / "result.json").is_file():
+                return folder, json.loads((folder / "result.json").read_text())
+    return None
+
+
+def reuse_twin(spec: RunSpec, folder: Path, twin: dict, split, out: Path, log: Callable,
+               tracking_uri: Optional[str], parent_run_id: Optional[str]) -> dict:
+    """Record the twin's model and scores as this cell's run (its own id, shots and split), saying so."""
+    log(f"  reusing run {twin['run_id']} ({twin['spec']['shots']}-shot): {spec.method} does not depend on the "
+        "shot count")
+    result = json.loads(json.dumps(twin))
+    model_dir = out / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.copytree(folder / "model", model_dir)
+    result.pop("mlflow_run_id", None)
+    result.update(run_id=spec.run_id(), support=split.support, tune=split.tune, model_dir=str(model_dir),
+                  spec={**twin["spec"], "shots": spec.shots},
+                  reused_from={"run_id": twin["run_id"], "shots": twin["spec"]["shots"]})
+    return record(result, out, tracking_uri, parent_run_id)

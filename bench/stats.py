@@ -140,7 +140,7 @@ class Paired:
 
 def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
     """Refuse to pair results of different foundation checkpoints or protocol versions, methods trained
-    for different numbers of iterations or batch sizes, or tuned against untuned ones: that compares
+    for different numbers of iterations (reference rows aside) or batch sizes, or tuned against untuned ones: that compares
     set-ups, not methods. Values that are not recorded (snapshots that predate these columns) are not
     checked."""
     from bench.results import UNKNOWN, params_kind
@@ -163,7 +163,11 @@ def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
     if "protocol_version" in sub.columns:
         require_one(known("protocol_version"), "protocol version", "--protocol VERSION")
     if "iterations" in sub.columns:
-        require_one(sub["iterations"].astype("Int64"), "training iterations", "--iterations N")
+        # Reference rows train on other cases (the oracle: the whole pool), so the dataset's budget gives
+        # them their own iteration count (Dataset.budget); every compared method must share one.
+        from bench.methods.roles import role
+        compared = sub["method"].map(lambda m: role(m) != "reference")
+        require_one(sub["iterations"].astype("Int64").where(compared), "training iterations", "--iterations N")
     if "batch_size" in sub.columns:
         require_one(sub["batch_size"].astype("Int64"), "batch size", None)
     if "params_source" in sub.columns:

@@ -73,7 +73,10 @@ def _rows(df, method: str, shots: int):
     (repeat, test case): supports are nested across shots within a repeat and the test set is shared."""
     sub = df[(df["method"] == method) & (df["shots"] == shots)].copy()
     sub["method"], sub["shots"] = f"{method}@{shots}", 0
-    return sub
+    # the dataset's budget differs between shot counts by design (Dataset.budget: iterations per training
+    # case); within one (method, shots) cell it is one value, which the check below still requires
+    assert sub["iterations"].nunique() == 1, f"{method} {shots}-shot mixes budgets"
+    return sub.drop(columns="iterations")
 
 
 def _crossed_better(df, high, low) -> None:

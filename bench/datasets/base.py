@@ -46,6 +46,16 @@ class Dataset:
     # and batch come from the foundation's plans): forward/backward passes, and the pseudo-Dice interval.
     default_iterations: ClassVar[int] = 60
     default_eval_every: ClassVar[int] = 10
+    # Iterations per training case, a floor on top of ``default_iterations`` (0: a fixed budget, as the real
+    # releases' 12,500). With it, a run sees each training case about as often whatever their number, so a
+    # 5-shot run or the oracle (the whole pool) is not cut short by a budget sized for one case.
+    iterations_per_case: ClassVar[int] = 0
+
+    @classmethod
+    def budget(cls, training_cases: int) -> int:
+        """The default iterations of a run that trains on ``training_cases`` cases: the same for every
+        method at a shot count (every few-shot method trains on its support set)."""
+        return max(cls.default_iterations, cls.iterations_per_case * int(training_cases))
 
     def raw_dir(self) -> Path:
         return subdir("nnunet", "raw") / self.folder_name

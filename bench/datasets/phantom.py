@@ -244,6 +244,8 @@ class Phantom(_PhantomBase):
     n_cases = 60
     prefix = "ph"
     description = "embedded synthetic target domain (60 cases, generated in seconds)"
+    # 60 iterations at 1 and 3 shots, 100 at 5, 600 for the oracle's 30 pool cases (docs/phantom.md, Budget)
+    iterations_per_case = 20
 
 
 def protocol_v2() -> dict:

@@ -79,6 +79,9 @@ class Method:
     uses_foundation: ClassVar[bool] = True
     # False: no training loop at all, the foundation is evaluated as it is (``zero-shot``).
     trains: ClassVar[bool] = True
+    # False: the run reads nothing of its shot count (no support set, no tuning set: the reference rows), so
+    # the runner reuses a finished run of the same cell at another shot count instead of training again.
+    depends_on_shots: ClassVar[bool] = True
 
     def __init__(self, **hparams: Any):
         unknown = set(hparams) - set(self.defaults)
@@ -106,9 +109,16 @@ class Method:
         """Called once after ``prepare`` and before the first step, when training batches exist
         (e.g. calibration passes; each one counts in ``calibration_passes``)."""
 
-    def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
+    @classmethod
+    def training_ids(cls, support: List[str], pool: List[str]) -> List[str]:
         """The cases whose labels training reads: the split's support set (``oracle``: the whole pool)."""
         return list(support)
+
+    @classmethod
+    def validation_ids(cls, tune: List[str], support: List[str], pool: List[str]) -> List[str]:
+        """The cases whose pseudo-Dice training logs every ``eval_every`` iterations (the tuner prunes on
+        it): the split's tuning set, else the support set."""
+        return list(tune or support)
 
     def calibration_passes(self) -> int:
         """Forward/backward passes ``on_train_start`` spends outside training steps. They count in the

@@ -5,8 +5,13 @@
   the foundation's head was trained on (same names, same values); otherwise its
   head would predict some other structure, and the run is refused.
 - ``oracle``: full fine-tuning on every labelled non-test case of the protocol
-  (its pool), with the same budget (iterations, batch, learning rate) as the
-  few-shot rows. It reads the tuning cases' labels too, so it cannot be tuned.
+  (its pool), with the dataset's budget for that many cases (``Dataset.budget``;
+  batch and learning rate as the few-shot rows). It reads the tuning cases'
+  labels too, so it cannot be tuned.
+
+Neither reads the shot count: a run at one shot count is reused, not retrained,
+at the others (``Method.depends_on_shots``; ``bench.runner``), so every table of
+a dataset shows the same floor and ceiling.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from bench.methods import METHODS
 from bench.methods.base import Method
 from bench.methods.full import FullFineTuning
 
+ORACLE_VALIDATION_CASES = 5
+
 
 class NotApplicable(ValueError):
     """The method cannot be run on this (foundation, dataset) pair; the message says why."""
@@ -26,22 +33,32 @@ class NotApplicable(ValueError):
 class ZeroShot(Method):
     summary = "reference (floor): the foundation as it is, no training; needs the target's label set on its head"
     trains = False
+    depends_on_shots = False
 
     def prepare(self, network, ctx):
         for p in network.parameters():
             p.requires_grad_(False)
         return network
 
-    def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
+    @classmethod
+    def training_ids(cls, support: List[str], pool: List[str]) -> List[str]:
         return []
 
 
 @METHODS.register("oracle")
 class Oracle(FullFineTuning):
     summary = "reference (ceiling): full fine-tuning on the protocol's whole pool of labelled non-test cases"
+    depends_on_shots = False
 
-    def training_ids(self, support: List[str], pool: List[str]) -> List[str]:
+    @classmethod
+    def training_ids(cls, support: List[str], pool: List[str]) -> List[str]:
         return list(pool)
+
+    @classmethod
+    def validation_ids(cls, tune: List[str], support: List[str], pool: List[str]) -> List[str]:
+        """Every case it could validate on is a training case, so the pseudo-Dice only shows progress; the
+        first pool cases, the same at every shot count (the run does not depend on the shots)."""
+        return list(pool[:ORACLE_VALIDATION_CASES])
 
 
 def foundation_as_is(foundation, plans: dict, dataset_json: dict):

@@ -53,11 +53,11 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, budget: Optional
     trials, repeats, iterations, tune_iterations = (budget.trials, budget.repeats, budget.iterations,
                                                     budget.tune_iterations)
     eval_every, optimizer, weight_decay = budget.eval_every, budget.optimizer, budget.weight_decay
-    if iterations is None or eval_every is None:  # the dataset's budget (bench.datasets.base.Dataset)
-        from bench.datasets import DATASETS
-        ds = DATASETS.get(dataset)
-        iterations = ds.default_iterations if iterations is None else iterations
-        eval_every = ds.default_eval_every if eval_every is None else eval_every
+    if iterations is None or eval_every is None:  # the dataset's budget, as `bench run` resolves it
+        from bench.runner import RunSpec
+        default = RunSpec(method=method, dataset=dataset, shots=shots, protocol_version=protocol_version)
+        iterations = default.iterations if iterations is None else iterations
+        eval_every = default.eval_every if eval_every is None else eval_every
     seed, foundation = budget.seed, budget.foundation
     method_cls = METHODS.get(method)
     if trials < 1:
