@@ -262,18 +262,21 @@ def _dataset_figures(sub: pd.DataFrame, analyses: Dict[int, Analysis], fig_dir: 
     fig.tight_layout()
     yield save_figure(fig, fig_dir / f"{ds}_dice_box.png"), f"Dice per method and shots, {ds}"
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
     curves = pd.concat([a.summary.assign(shots=s) for s, a in analyses.items()], ignore_index=True)
+    contenders = [m for m in methods if role(m) != "reference"]
     for m in methods:
         c = curves[curves.method == m].sort_values("shots")
         if role(m) == "reference":  # a bound on the task, not a contender: a dashed line, no error bars
             ax.plot(c.shots, c["mean"], linestyle="--", color=colours[m], label=f"{m} (reference)")
             continue
-        ax.errorbar(c.shots, c["mean"], yerr=[c["mean"] - c.mean_lo, c.mean_hi - c["mean"]], marker="o",
-                    capsize=3, label=m, color=colours[m])
+        # each method a little to the side of the shot count, so that overlapping intervals stay readable
+        dodge = 0.25 * (contenders.index(m) / max(len(contenders) - 1, 1) - 0.5)
+        ax.errorbar(c.shots + dodge, c["mean"], yerr=[c["mean"] - c.mean_lo, c.mean_hi - c["mean"]],
+                    marker="o", capsize=2, label=m, color=colours[m])
     ax.set(xlabel="labelled support cases (shots)", ylabel="mean Dice (95% crossed t CI)",
            xticks=sorted(analyses), title=f"{ds}: Dice versus shots")
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     yield save_figure(fig, fig_dir / f"{ds}_dice_vs_shots.png"), f"Dice versus shots, {ds}"
 

@@ -140,9 +140,9 @@ class Paired:
 
 def check_equal_budgets(sub: pd.DataFrame, dataset: str, shots: int) -> None:
     """Refuse to pair results of different foundation checkpoints or protocol versions, methods trained
-    for different numbers of iterations (reference rows aside) or batch sizes, or tuned against untuned ones: that compares
-    set-ups, not methods. Values that are not recorded (snapshots that predate these columns) are not
-    checked."""
+    for different numbers of iterations (reference rows aside) or batch sizes, or tuned against untuned
+    ones: that compares set-ups, not methods. Values that are not recorded (snapshots that predate these
+    columns) are not checked."""
     from bench.results import UNKNOWN, params_kind
 
     def require_one(values: pd.Series, what: str, option: Optional[str]) -> None:

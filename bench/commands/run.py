@@ -28,7 +28,8 @@ def add_run_arguments(p) -> None:
                         "default: the phantom foundation, built on first use")
     p.add_argument("--iterations", type=positive_int, default=None,
                    help="training iterations, the same for every method of a table (default: the dataset's "
-                        "budget: phantom 60; segrap2023 / lnq2023 12,500 = LN-Seg-FM's 50 epochs x 250)")
+                        "budget: phantom 20 per training case, at least 60; segrap2023 / lnq2023 12,500 = "
+                        "LN-Seg-FM's 50 epochs x 250)")
     p.add_argument("--eval-every", type=positive_int, default=None,
                    help="iterations between tuning-set pseudo-Dice checks (default: the dataset's: phantom 10, "
                         "real releases 250, one nnU-Net epoch)")

@@ -39,8 +39,8 @@ def register(sub) -> None:
                    help="comma list (default 1,3,5)")
     p.add_argument("--repeats", type=CHECKS["repeats"], default=None, help="repeats 0..N-1 per cell (default 5)")
     p.add_argument("--iterations", type=CHECKS["iterations"], default=None,
-                   help="training iterations per cell (default: each dataset's budget, e.g. phantom 60, "
-                        "segrap2023 / lnq2023 12,500)")
+                   help="training iterations per cell (default: each dataset's budget, e.g. phantom 20 per "
+                        "training case and at least 60, segrap2023 / lnq2023 12,500)")
     p.add_argument("--tune-trials", type=CHECKS["tune_trials"], default=None,
                    help="tune each cell first with this many trials")
     p.add_argument("--executor", choices=["local", "ray", "slurm"], default=None,
