@@ -27,7 +27,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -109,13 +109,17 @@ class ReleaseDataset(Dataset):
     # -- channel names follow the prepared data (e.g. segrap2023 with a contrast channel)
     @property
     def channel_names(self) -> Dict[str, str]:  # type: ignore[override]
-        if self._channels is None:
+        return self.from_prepared("channel_names", "_channels", lambda: self.channels_for(**self.options))
+
+    def from_prepared(self, key: str, cache: str, otherwise: Callable[[], Any]) -> Any:
+        """The prepared dataset.json's ``key`` (kept in attribute ``cache``), else ``otherwise()``: what a
+        preparation with the current options would write."""
+        if getattr(self, cache) is None:
             meta = self.raw_dir() / "dataset.json"
-            if self.is_prepared() and meta.is_file():
-                self._channels = json.loads(meta.read_text())["channel_names"]
-            else:
-                return self.channels_for(**self.options)
-        return self._channels
+            if not (self.is_prepared() and meta.is_file()):
+                return otherwise()
+            setattr(self, cache, json.loads(meta.read_text())[key])
+        return getattr(self, cache)
 
     def manifest(self) -> Optional[dict]:
         path = self.raw_dir() / MANIFEST

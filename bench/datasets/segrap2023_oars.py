@@ -15,7 +15,6 @@ set is GTVnd with the parotid and submandibular glands, the organs of the nodal 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -81,13 +80,7 @@ class SegRap2023Oars(SegRap2023):
     @property
     def labels(self) -> Dict[str, int]:  # type: ignore[override]
         """The prepared label set (dataset.json), else the one a preparation with the options would make."""
-        if self._labels is None:
-            meta = self.raw_dir() / "dataset.json"
-            if self.is_prepared() and meta.is_file():
-                self._labels = json.loads(meta.read_text())["labels"]
-            else:
-                return label_map(DEFAULT_LABELS)
-        return self._labels
+        return self.from_prepared("labels", "_labels", lambda: label_map(DEFAULT_LABELS))
 
     def _resolve_options(self, given: dict) -> dict:
         names = check_labels(given.get("labels") or DEFAULT_LABELS)
