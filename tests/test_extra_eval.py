@@ -235,3 +235,26 @@ def test_listed_node_free_cases_must_have_empty_labels(tmp_path, monkeypatch):
     bad = EvalSet("nodefree", "mine", "protocol-v1", (EvalCase("node", ("img",), labels["node"]),))
     with pytest.raises(ValueError, match="node-free case node .* non-empty label.*node_free"):
         score_set(None, bad)
+
+
+def test_retention_scores_only_the_source_structures_of_a_multi_label_model(tmp_path, monkeypatch):
+    """A multi-label export's other structures (a gland predicted on a source scan) are not the source's
+    nodes: retention scores the labels whose names the source has, and says which."""
+    import SimpleITK as sitk
+    from bench.engine import predict
+    from bench.evaluation.extra import score_set, source_label_values
+    from bench.evaluation.sets import EvalCase, EvalSet
+    source = {"labels": {"background": 0, "lymph_node": 1}}
+    assert source_label_values(source, {"labels": {"background": 0, "lymph_node": 1, "gland": 2}}) == \
+        {"lymph_node": 1}
+    assert source_label_values(source, {"labels": {"background": 0, "GTVp": 1}}) == {}
+    ref = np.zeros((4, 8, 8), np.uint8)
+    ref[1:3, 1:4, 1:4] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(ref), str(tmp_path / "src.nii.gz"))
+    pred = ref.copy()
+    pred[1:3, 5:8, 5:8] = 2                                    # a gland, away from the node
+    monkeypatch.setattr(predict, "predict_case", lambda predictor, images: (pred, (2.0, 1.0, 1.0)))
+    s = EvalSet("retention", "src", "v1", (EvalCase("src", ("img",), str(tmp_path / "src.nii.gz")),))
+    [nodes_only] = score_set(None, s, foreground=[1])
+    [any_label] = score_set(None, s)
+    assert nodes_only["dice"] == 1.0 and any_label["dice"] < 1.0

@@ -112,15 +112,24 @@ def _read_label(path: str) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(path)) > 0
 
 
-def score_set(predictor, s: EvalSet) -> List[dict]:
-    """Per-case scores of one set: all ``case_metrics`` (retention) or ``nodefree_metrics`` (node-free)."""
+def source_label_values(source_json: dict, model_json: dict) -> Dict[str, int]:
+    """The model's label values for the source's structures, matched by name (a multi-label export's other
+    structures are not the source's); empty when it segments none of them."""
+    theirs = {n for n, v in source_json["labels"].items() if int(v) != 0}
+    return {n: int(v) for n, v in model_json["labels"].items() if n in theirs}
+
+
+def score_set(predictor, s: EvalSet, foreground: Optional[Sequence[int]] = None) -> List[dict]:
+    """Per-case scores of one set: all ``case_metrics`` (retention) or ``nodefree_metrics`` (node-free).
+    ``foreground``: the label values a retention case scores (default: any foreground label)."""
     from bench.engine.predict import predict_case
     from bench.metrics import case_metrics, nodefree_metrics
     rows = []
     for case in progress.track(s.cases, f"scoring {s.key}"):
         seg, spacing = predict_case(predictor, list(case.images))
         if s.axis == "retention":
-            rows.append({"case_id": case.case_id, **case_metrics(seg > 0, _read_label(case.label), spacing,
+            pred = np.isin(seg, list(foreground)) if foreground else seg > 0
+            rows.append({"case_id": case.case_id, **case_metrics(pred, _read_label(case.label), spacing,
                                                                   nsd_tolerance_mm=s.nsd_tolerance_mm)})
             continue
         if case.label is not None and _read_label(case.label).any():
@@ -182,6 +191,12 @@ def _is_current(record: Optional[dict]) -> bool:
         and record.get("metrics_version") == METRICS_VERSION
 
 
+def _scored_any_label(result: dict, record: Optional[dict]) -> bool:
+    """A multi-label run's retention record made before retention scored the source's labels only."""
+    return bool(record) and record.get("axis") == "retention" and "labels" in result \
+        and "labels_scored" not in record
+
+
 def model_folder(run_folder: Path, result: dict) -> Path:
     """The run's exported model: ``model/`` next to result.json (results may have moved), else as recorded."""
     local = run_folder / "model"
@@ -210,7 +225,8 @@ def evaluate_run(run_folder, axes: Sequence[str] = AXES, retention: Optional[str
     foundation_path = foundation_folder(result, foundation_dir)
     wanted = sets_for_run(result, foundation_path, axes, retention)
     missing = {a: w for a, w in wanted.items() if isinstance(w, str)}
-    todo = [w for w in wanted.values() if not isinstance(w, str) and (force or not _is_current(sets.get(w.key)))]
+    todo = [w for w in wanted.values() if not isinstance(w, str) and (force or not _is_current(sets.get(w.key)))
+            or _scored_any_label(result, sets.get(getattr(w, "key", None)))]
     if not todo:
         return {"status": "skipped", "why": "; ".join(missing.values()) or "up to date", "sets": sets}
     configure_nnunet_env()
@@ -228,9 +244,14 @@ def evaluate_run(run_folder, axes: Sequence[str] = AXES, retention: Optional[str
             # the foundation with its own head (a multi-label run's export has another)
             before = foundation_scores(foundation, s, plans, foundation.dataset_json, dev, log)
             same = plans == model.plans and _same_weights(model.state_dict, foundation.state_dict)
-            rows = before["cases"] if same else score_set(predictor, s)
+            shared = source_label_values(foundation.dataset_json, model.dataset_json)
+            if not shared:
+                missing[s.axis] = (f"retention not applicable: the model segments none of the source's "
+                                   f"structures ({', '.join(foundation.dataset_json['labels'])})")
+                continue
+            rows = before["cases"] if same else score_set(predictor, s, foreground=sorted(shared.values()))
             after = float(np.mean([r["dice"] for r in rows]))
-            record.update(cases=rows, dice=after, dice_foundation=before["dice_mean"],
+            record.update(cases=rows, dice=after, dice_foundation=before["dice_mean"], labels_scored=sorted(shared),
                           forgetting=before["dice_mean"] - after, weights_equal_foundation=same)
         else:
             rows = score_set(predictor, s)
