@@ -1,5 +1,6 @@
-"""Measuring: every method set up as the runner does it, memory windows, round-robin timing, the DGST
-selection benchmark and the harness-vs-stock comparison (docs/perf.md says how and why)."""
+"""Measuring: every method set up as the runner does it, memory windows, the harness-vs-stock comparison
+(timing: ``bench.perf.timing``; the DGST selection benchmark: ``bench.perf.selection``; docs/perf.md says
+how and why)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,16 +14,17 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from bench.memory import MemoryMeter, release_freed_memory, sync as _sync
+from bench.memory import MemoryMeter, release_freed_memory
 from bench.perf.results import REFERENCE, NetworkResult, PerfReport
+from bench.perf.selection import selection_benchmark
 from bench.perf.specs import NetworkSpec, network_spec
+from bench.perf.timing import Contestant, paired_ratio, ratio, spread, time_round_robin
 from bench.quiet import quiet
 
 
@@ -73,58 +75,6 @@ def make_batch(spec: NetworkSpec, stock_trainer, device: torch.device, seed: int
         size = [int(round(p * s)) for p, s in zip(spec.patch, scale)]
         targets.append(seg if list(size) == list(spec.patch) else nn.functional.interpolate(seg, size=size))
     return data.to(device), [t.to(device) for t in targets]
-
-
-@dataclass
-class _Contestant:
-    name: str
-    step: Callable[[], Any]
-    times: List[float] = field(default_factory=list)
-    error: Optional[str] = None
-
-
-def _time_round_robin(contestants: List[_Contestant], rounds: int, device: torch.device,
-                      log: Callable[[str], None]) -> None:
-    """Every round times one step of every contestant; the start rotates each round."""
-    for r in range(rounds):
-        order = contestants[r % len(contestants):] + contestants[:r % len(contestants)]
-        for c in order:
-            if c.error:
-                continue
-            try:
-                _sync(device)
-                t0 = time.perf_counter()
-                c.step()
-                _sync(device)
-                c.times.append(time.perf_counter() - t0)
-            except Exception as e:  # one broken method must not hide the others' numbers
-                c.error = f"timed step failed: {type(e).__name__}: {e}"
-                log(f"  {c.name}: {c.error}")
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{c.name} {c.times[-1]:.3f}s" for c in contestants
-                                                      if c.times and not c.error))
-
-
-def _spread(times: List[float]) -> Dict[str, float]:
-    if not times:
-        return {"median_s": float("nan"), "q25_s": float("nan"), "q75_s": float("nan"), "n": 0}
-    if len(times) == 1:
-        q25 = q75 = times[0]
-    else:
-        q = statistics.quantiles(times, n=4, method="inclusive")
-        q25, q75 = q[0], q[2]
-    return {"median_s": statistics.median(times), "q25_s": q25, "q75_s": q75, "n": len(times)}
-
-
-def _paired_ratio(times: List[float], reference: List[float]) -> Optional[float]:
-    """Median over rounds of the within-round ratio: load drift between rounds cancels."""
-    pairs = [a / b for a, b in zip(times, reference) if b > 0]
-    return statistics.median(pairs) if pairs else None
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    if a is None or b is None or b == 0 or a != a or b != b:
-        return None
-    return a / b
 
 
 def alias_keys(network: nn.Module) -> set:
@@ -226,71 +176,6 @@ def _setup_method(name, spec, foundation, device, seed, loss, batch, meter, warm
     return state
 
 
-def _selection_benchmark(full_state, spec, loss, batch, device, reps, log) -> Dict[str, Any]:
-    """DGST's selection vs the released one on the same gradients of the full network."""
-    from bench.methods import METHODS
-    from bench.methods.dgst import partition
-    from bench.methods.dgst.released import released_selection
-    from bench.methods.dgst.selection import entries_per_row, mask_from_indices, topk_indices
-
-    net, data, target = full_state["net"], batch[0], batch[1]
-    net.zero_grad(set_to_none=True)
-    amp = torch.autocast(device.type) if device.type == "cuda" else contextlib.nullcontext()
-    with amp:
-        out = loss(net(data), target)
-    out.backward()
-    params = dict(net.named_parameters())
-    names = [n for n in partition(net)["sparse"] if params[n].grad is not None]
-    grads = {n: params[n].grad.detach().clone() for n in names}
-    net.zero_grad(set_to_none=True)
-    gamma = METHODS.get("dgst").defaults["gamma"]
-
-    def ours():  # what the training step runs: flat indices, no dense mask
-        return {n: topk_indices(g, gamma) for n, g in grads.items()}
-
-    def released():
-        return released_selection(grads, int(gamma), fill_mask=True)
-
-    t_ours, t_rel = [], []
-    masks_ours = masks_rel = None
-    for _ in range(max(1, reps)):  # interleaved
-        for fn, times in ((ours, t_ours), (released, t_rel)):
-            _sync(device)
-            t0 = time.perf_counter()
-            res = fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            if fn is ours:
-                masks_ours = res
-            else:
-                masks_rel = res
-            del res
-    entries = agree = rows = rows_equal = tie_rows = 0
-    for n, g in grads.items():
-        a, b = mask_from_indices(masks_ours[n], g), masks_rel[n]
-        entries += a.numel()
-        agree += int((a == b).sum())
-        ra, rb = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-        diff_rows = (ra != rb).any(dim=1)
-        rows += ra.shape[0]
-        rows_equal += int((~diff_rows).sum())
-        if diff_rows.any():  # tied |grad| at the k-th place explains a difference
-            k = entries_per_row(gamma, ra.shape[1])
-            if k < ra.shape[1]:
-                top = g.reshape(g.shape[0], -1).abs().topk(k + 1, dim=1).values
-                tie_rows += int((diff_rows & (top[:, k - 1] == top[:, k])).sum())
-    row_lengths = [g[0].numel() for g in grads.values()]
-    result = {"tensors": len(grads), "entries": entries, "gamma": gamma, "max_row_length": max(row_lengths),
-              "ours": _spread(t_ours), "released": _spread(t_rel),
-              "speedup": _ratio(statistics.median(t_rel), statistics.median(t_ours)),
-              "agreement": agree / entries if entries else float("nan"),
-              "rows": rows, "rows_equal": rows_equal, "rows_differing_by_ties": tie_rows,
-              "rows_differing_otherwise": rows - rows_equal - tie_rows}
-    log(f"  selection: ours {result['ours']['median_s']:.4f}s, released {result['released']['median_s']:.4f}s "
-        f"({result['speedup']:.1f}x); masks agree on {result['agreement']:.6f} of {entries:,} entries")
-    return result
-
-
 def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[str], steps: int, warmup: int,
                     selection_reps: int, seed: int = 0, log: Callable[[str], None] = print,
                     memory_reps: int = 1) -> NetworkResult:
@@ -372,16 +257,16 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
             st["peak_bytes"] = statistics.median(samples) if samples else None
 
         # 3. interleaved timing
-        contestants = [_Contestant(n, s["run"]) for n, s in states.items()]
-        contestants += [_Contestant("nnunet:stock", lambda: stock.train_step(tr_batch)),
-                        _Contestant("nnunet:harness", lambda: harness.train_step(tr_batch))]
+        contestants = [Contestant(n, s["run"]) for n, s in states.items()]
+        contestants += [Contestant("nnunet:stock", lambda: stock.train_step(tr_batch)),
+                        Contestant("nnunet:harness", lambda: harness.train_step(tr_batch))]
         log(f"  timing {steps} interleaved rounds of {len(contestants)} steps")
-        _time_round_robin(contestants, steps, device, log)
+        time_round_robin(contestants, steps, device, log)
         by_name = {c.name: c for c in contestants}
 
         # 4. rows
         ref_times = by_name[REFERENCE].times
-        ref = _spread(ref_times)["median_s"]
+        ref = spread(ref_times)["median_s"]
         ref_mem = states[REFERENCE]["peak_bytes"]
         rows = []
         for name in methods:
@@ -390,22 +275,22 @@ def measure_network(spec: NetworkSpec, device: torch.device, methods: Sequence[s
                 continue
             s, c = states[name], by_name[name]
             after = s["method"].export(s["net"])[0]
-            sp = _spread(c.times)
+            sp = spread(c.times)
             peak = s["peak_bytes"]
             rows.append({"method": name, "trainable": s["trainable"],
                          "changed": count_changed(s["before"], {k: v.detach().cpu() for k, v in after.items()},
                                                   stock_aliases | s["aliases"]),
-                         "total": total, **sp, "step_ratio": _paired_ratio(c.times, ref_times),
+                         "total": total, **sp, "step_ratio": paired_ratio(c.times, ref_times),
                          "peak_mib": None if peak is None else peak / 2**20,
-                         "memory_ratio": _ratio(peak, ref_mem), "error": c.error})
-        harness_result = {"stock": _spread(by_name["nnunet:stock"].times),
-                          "harness": _spread(by_name["nnunet:harness"].times)}
-        harness_result["ratio"] = _paired_ratio(by_name["nnunet:harness"].times, by_name["nnunet:stock"].times)
+                         "memory_ratio": ratio(peak, ref_mem), "error": c.error})
+        harness_result = {"stock": spread(by_name["nnunet:stock"].times),
+                          "harness": spread(by_name["nnunet:harness"].times)}
+        harness_result["ratio"] = paired_ratio(by_name["nnunet:harness"].times, by_name["nnunet:stock"].times)
         log(f"  harness/stock nnU-Net: {harness_result['ratio']:.3f}")
 
         # 5. selection, on the full network's gradients
-        selection = _selection_benchmark(states[REFERENCE], spec, loss, batch, device, selection_reps, log)
-        selection["share_of_full_step"] = _ratio(selection["ours"]["median_s"], ref)
+        selection = selection_benchmark(states[REFERENCE], spec, loss, batch, device, selection_reps, log)
+        selection["share_of_full_step"] = ratio(selection["ours"]["median_s"], ref)
         del states, contestants, by_name, stock, harness, hnet, hopt
         release_freed_memory()
         if device.type == "cuda":
