@@ -78,11 +78,19 @@ class CellCost:
 
 def cell_costs(specs: Iterable, tune_trials: int, tune_repeats: int, device: str,
                times: Optional[StepTimes] = None) -> List[CellCost]:
-    """One cost per spec; a study's cost is charged to its first cell."""
+    """One cost per spec; a study's cost is charged to its first cell. A method that does not depend on the
+    shots (the reference rows) trains once per repeat: its cells at other shot counts reuse that run."""
+    from bench.methods import METHODS
     from bench.sweep import cell_key
     times = times or StepTimes()
-    out, studies = [], set()
+    out, studies, trained = [], set(), set()
     for s in specs:
+        if not METHODS.get(s.method).depends_on_shots:
+            twin = (s.method, s.augment, s.dataset, s.repeat, s.foundation, s.iterations)
+            if twin in trained:
+                out.append(CellCost(cell_key(s), 0.0, "reused: the run of another shot count"))
+                continue
+            trained.add(twin)
         step = times.lookup(s.method, s.dataset, device)
         study = tune_trials and (s.method, s.dataset, s.shots) not in studies
         studies.add((s.method, s.dataset, s.shots))

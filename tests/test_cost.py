@@ -54,6 +54,17 @@ def test_costs_come_from_measured_step_times_and_unknown_stays_unknown(tmp_path)
     assert "perf_cuda.csv (default network, patch 128x128x128, batch 2)" == gpu[0].source
 
 
+def test_reference_rows_are_priced_once_per_repeat(tmp_path):
+    """The oracle trains once per repeat (its budget: the whole pool); its other shot counts reuse that run."""
+    runs = tmp_path / "runs"
+    write_result(runs, "oracle", "phantom", "cpu", 0.5)
+    specs = [RunSpec("oracle", shots=s, repeat=r) for s in (1, 3, 5) for r in (0, 1)]
+    costs = cell_costs(specs, 0, 3, "cpu", StepTimes(runs, tmp_path))
+    trained = 600 * 0.5 + CELL_OVERHEAD_SECONDS
+    assert [c.seconds for c in costs] == pytest.approx([trained, trained, 0, 0, 0, 0])
+    assert costs[2].source == "reused: the run of another shot count"
+
+
 def test_pruning_bound():
     assert pruning_bound(20, 3) == pytest.approx(17 / 20 * 2 / 3)
     assert pruning_bound(3, 3) == 0.0
