@@ -6,11 +6,15 @@ checkpoint next to the json files also works). An nnU-Net v1 STU-Net checkpoint
 (``<name>.model`` with its ``.model.pkl``) is converted to such a folder once
 (``bench.stunet``, cached under ``$BENCH_HOME/foundations/converted``).
 
-The phantom foundation ships with the package (``bench/pretrained/<recipe name>/``:
+The phantom foundations ship with the package (``bench/pretrained/<recipe name>/``:
 weights only, its recipe, the command that rebuilt it and its Dice on held-out
 source cases), so no run pretrains on first use. ``bench foundation build
---rebuild`` rebuilds it from the same recipe and seed into
+--rebuild`` rebuilds one from the same recipe and seed into
 ``$BENCH_HOME/foundations/``, which then takes precedence over the shipped copy.
+Two recipes share the data and the pretraining budget and differ in the network
+(``RECIPES``): ``phantom-v2`` (PlainConvUNet, the default) and
+``phantom-stunet-v1`` (STU-Net's residual blocks). ``--foundation`` takes a recipe
+name or a path; ``get_foundation`` / ``existing_foundation_dir`` resolve both.
 """
 from __future__ import annotations
 
@@ -33,8 +37,12 @@ PHANTOM_RECIPE = {"name": "phantom-v2", "iterations": 800, "lr": 1e-2, "optimize
                   "weight_decay": 3e-5, "seed": 0, "eval_every": 50,
                   "plans": {"patch_size": [20, 40, 40], "spacing": [3.0, 2.4, 2.4], "features": [4, 8, 16, 32],
                             "batch_size": 2}}
+# The same data, budget, optimiser, patch, spacing, widths and normalisation with STU-Net's network (one
+# residual block per stage): a second phantom foundation of another architecture, scored in its own tables.
+PHANTOM_STUNET_RECIPE = {**{k: v for k, v in PHANTOM_RECIPE.items() if k != "name"}, "name": "phantom-stunet-v1",
+                         "architecture": {"network": "stunet", "n_blocks_per_stage": [1, 1, 1, 1]}}
+RECIPES = {r["name"]: r for r in (PHANTOM_RECIPE, PHANTOM_STUNET_RECIPE)}  # the names --foundation accepts
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
-REBUILD_COMMAND = "bench foundation build --rebuild --into bench/pretrained/{name}"
 SOURCE_VAL_CASES = 8  # the last source cases: held out from pretraining, scored after it
 # Intensity statistics for CT normalisation, measured on the source phantom's body voxels
 # (nnU-Net would use label voxels only, which for small nodes would clip away all anatomy).
@@ -159,20 +167,84 @@ def existing_phantom_foundation_dir(recipe: dict = PHANTOM_RECIPE) -> Optional[P
 
 
 def get_phantom_foundation(log=print, recipe: dict = PHANTOM_RECIPE, device: str = "auto",
-                           rebuild: bool = False) -> Foundation:
+                           rebuild: bool = False, command: Optional[str] = None) -> Foundation:
     """A rebuilt copy in $BENCH_HOME first, else the shipped one, else build it now (and cache it)."""
     folder = phantom_foundation_dir(recipe)
     if rebuild and folder.exists():
         shutil.rmtree(folder)
     existing = None if rebuild else existing_phantom_foundation_dir(recipe)
     if existing is None:
-        existing = build_phantom_foundation(folder, recipe, log=log, device=device)
+        existing = build_phantom_foundation(folder, recipe, log=log, device=device, command=command)
     return load_foundation(existing)
 
 
+def phantom_recipe(name: Optional[str] = None, iterations: Optional[int] = None) -> dict:
+    """The suite recipe called ``name`` (default: the default phantom foundation's); ``iterations`` overrides
+    its budget under another name (``<name>-it<N>``, for quick checks), so it never stands for the shipped one."""
+    name = name or PHANTOM_RECIPE["name"]
+    if name not in RECIPES:
+        raise ValueError(f"unknown foundation recipe {name!r}; the suite's recipes are {', '.join(RECIPES)} "
+                         "(any other foundation is passed as a path: an nnU-Net model folder or checkpoint)")
+    recipe = dict(RECIPES[name])
+    if iterations:
+        recipe.update(iterations=int(iterations), name=f"{name}-it{int(iterations)}")
+    return recipe
+
+
+def rebuild_command(recipe_name: str, iterations: Optional[int] = None, into: Optional[str] = None) -> str:
+    """The ``bench foundation build`` command that rebuilds a recipe's shipped folder (recorded in bench.json)."""
+    options = ("" if recipe_name == PHANTOM_RECIPE["name"] else f" --recipe {recipe_name}") \
+        + (f" --iterations {iterations}" if iterations else "")
+    return f"bench foundation build{options} --rebuild --into bench/pretrained/{into or recipe_name}"
+
+
+def foundation_recipe(foundation: Optional[str]) -> Optional[dict]:
+    """The suite recipe a ``--foundation`` value names: None is the default phantom foundation, a recipe name
+    (``phantom-stunet-v1``) that recipe; None for anything else (a path: ``./phantom-stunet-v1`` for a folder
+    that happens to carry a recipe's name)."""
+    if foundation is None:
+        return PHANTOM_RECIPE
+    return RECIPES.get(str(foundation))
+
+
+def existing_foundation_dir(foundation: Optional[str]) -> Optional[Path]:
+    """The folder a ``--foundation`` value loads from: a suite recipe's rebuilt or shipped copy (None while
+    neither exists), else the path itself (``foundation_folder``)."""
+    recipe = foundation_recipe(foundation)
+    return existing_phantom_foundation_dir(recipe) if recipe is not None else foundation_folder(foundation)
+
+
+def get_foundation(foundation: Optional[str], log=print, device: str = "auto") -> Foundation:
+    """The foundation a ``--foundation`` value names, a suite recipe built on first use if neither a rebuilt
+    nor a shipped copy exists."""
+    recipe = foundation_recipe(foundation)
+    if recipe is None:
+        return load_foundation(foundation)
+    return get_phantom_foundation(log=log, recipe=recipe, device=device)
+
+
 def phantom_plans(recipe: dict, dataset_name: str) -> dict:
+    """The recipe's hand-written plans: nnU-Net's PlainConvUNet, or with ``architecture`` another network at
+    the same widths, kernels and strides (``stunet``: STU-Net with ``n_blocks_per_stage`` residual blocks)."""
     from bench.engine.network import tiny_plans
-    return tiny_plans(dataset_name, intensity=PHANTOM_INTENSITY, **recipe.get("plans", PHANTOM_RECIPE["plans"]))
+    plans = tiny_plans(dataset_name, intensity=PHANTOM_INTENSITY, **recipe.get("plans", PHANTOM_RECIPE["plans"]))
+    arch = recipe.get("architecture")
+    if arch is not None:
+        config = plans["configurations"]["3d_fullres"]
+        config["architecture"] = _architecture(arch, config["architecture"]["arch_kwargs"], recipe["name"])
+    return plans
+
+
+def _architecture(arch: dict, plain: dict, recipe_name: str) -> dict:
+    from bench.architectures.stunet import stunet_architecture
+    if arch.get("network") != "stunet":
+        raise ValueError(f"recipe {recipe_name}: architecture network {arch.get('network')!r} is not known; "
+                         "'stunet' is (or no architecture key: nnU-Net's PlainConvUNet)")
+    blocks = arch.get("n_blocks_per_stage") or [1] * plain["n_stages"]
+    if len(blocks) != plain["n_stages"]:
+        raise ValueError(f"recipe {recipe_name}: n_blocks_per_stage {blocks} has {len(blocks)} entries, the plans "
+                         f"{plain['n_stages']} stages (features {plain['features_per_stage']})")
+    return stunet_architecture(plain["features_per_stage"], blocks, plain["strides"], plain["kernel_sizes"])
 
 
 def pretraining_config(recipe: dict):
@@ -185,9 +257,11 @@ def pretraining_config(recipe: dict):
                        batch_size=recipe.get("batch_size"))
 
 
-def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto") -> Path:
+def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=print, device: str = "auto",
+                             command: Optional[str] = None) -> Path:
     """Pretrain the tiny foundation on the phantom source domain from a seeded random init, then score
-    it on the held-out source cases (recorded in bench.json, checked against the shipped copy by tests)."""
+    it on the held-out source cases (recorded in bench.json, checked against the shipped copy by tests).
+    ``command``: the one recorded as rebuilding it (default: ``rebuild_command`` of the recipe's name)."""
     from bench.datasets.phantom import PhantomSource
     from bench.methods import get_method
     from bench.engine.train import train_network
@@ -209,7 +283,7 @@ def build_phantom_foundation(folder: Path, recipe: dict = PHANTOM_RECIPE, log=pr
                             config=pretraining_config(recipe), seed=recipe.get("seed", 0), device=device, log=log,
                             label=f"pretraining {recipe['name']}")
     save_model_folder(tmp, plans, dataset_json, "3d_fullres", outcome.export_state, mirror_axes=None)
-    info = {"recipe": recipe, "command": REBUILD_COMMAND.format(name=recipe["name"]),
+    info = {"recipe": recipe, "command": command or rebuild_command(recipe["name"]),
             "pretrain_ids": train_ids, "val_ids": val_ids, "train_seconds": round(outcome.train_seconds, 1),
             "source_dice": source_dice(tmp, source, val_ids, device)}
     (tmp / "bench.json").write_text(json.dumps(info, indent=1))  # written last: marks a complete folder

@@ -5,7 +5,8 @@ import json
 from typing import List
 
 from bench.checkpoint import CheckpointError, is_head
-from bench.foundation import Foundation, target_load_report
+from bench.foundation import RECIPES, Foundation, existing_phantom_foundation_dir, shipped_foundation_dir, \
+    target_load_report
 
 PERCENTILES = ("percentile_00_5", "percentile_99_5")
 
@@ -68,4 +69,21 @@ def describe(foundation: Foundation, target_name: str, target_json: dict) -> str
     lines += [f"  normalisation  {line}" for line in _normalisation(foundation)]
     lines += [f"  loading        {note}" for note in foundation.load_notes]
     lines += ["  " + line for line in _target_lines(foundation, target_name, target_json)]
+    return "\n".join(lines)
+
+
+def suite_foundations() -> str:
+    """The suite's phantom foundations (``--foundation NAME``): network and where each one loads from."""
+    lines = ["suite foundations (--foundation NAME; the first is the default):"]
+    for name, recipe in RECIPES.items():
+        network = recipe.get("architecture", {}).get("network", "plain (PlainConvUNet)")
+        folder = existing_phantom_foundation_dir(recipe)
+        if folder is None:
+            where = "not built: the first run builds it"
+        else:
+            where = ("shipped" if folder == shipped_foundation_dir(recipe) else "rebuilt") + f" ({folder})"
+            dice = json.loads((folder / "bench.json").read_text()).get("source_dice", {})
+            if dice:
+                where += f", source Dice {sum(dice.values()) / len(dice):.3f}"
+        lines.append(f"  {name:<20} {network}: {where}")
     return "\n".join(lines)

@@ -1,5 +1,10 @@
 """Leaderboards: ``leaderboards/<dataset>.{md,csv,png,html}``, generated, never edited by hand.
 
+One leaderboard per (dataset, foundation): results of different foundations are never ranked together.
+The default phantom foundation's table, and a dataset's only foundation's, is ``<dataset>``; every other
+foundation's is ``<dataset>@<foundation>`` (``board_name``; a suite recipe such as ``phantom-stunet-v1``
+always is), titled with the foundation.
+
 Per dataset and shots, methods are ranked by mean Dice over the paired repeat x case grid, with a 95 %
 crossed t CI (``bench.stats``: both test cases and support draws are random). Reference rows (role
 ``reference`` in ``bench.methods.roles``: zero-shot, oracle) are shown and marked but are never the
@@ -19,7 +24,7 @@ software metadata.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -113,32 +118,55 @@ def leaderboard_table(df: pd.DataFrame, dataset: str, n_boot: int = N_BOOT, seed
     return out
 
 
+def board_name(dataset: str, foundation: str, foundations: Sequence[str]) -> str:
+    """The file stem of ``foundation``'s leaderboard of ``dataset``, whose results hold ``foundations``:
+    ``<dataset>`` for the default phantom foundation and for a dataset's only foundation (unless that is
+    another suite recipe), else ``<dataset>@<foundation>``."""
+    from bench.foundation import PHANTOM_RECIPE, RECIPES
+    if foundation == PHANTOM_RECIPE["name"] or (len(foundations) == 1 and foundation not in RECIPES):
+        return dataset
+    return f"{dataset}@{foundation}"
+
+
+def boards(df: pd.DataFrame) -> List[Tuple[str, str, str, pd.DataFrame]]:
+    """(dataset, file stem, title, rows) per (dataset, foundation) in ``df``, sorted by dataset and stem."""
+    out = []
+    for dataset in sorted(df["dataset"].unique()):
+        data = df[df["dataset"] == dataset]
+        foundations = sorted(data["foundation"].astype(str).unique())
+        for foundation in foundations:
+            name = board_name(dataset, foundation, foundations)
+            rows = data if len(foundations) == 1 else data[data["foundation"].astype(str) == foundation]
+            out.append((dataset, name, dataset if name == dataset else f"{dataset}, foundation {foundation}", rows))
+    return sorted(out, key=lambda b: (b[0], b[1]))
+
+
 def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N_BOOT,
                        seed: int = 0, reports=None) -> List[Path]:
-    """Write ``<dataset>.md``, ``.csv``, ``.png`` and ``.html`` for every dataset in ``df``; returns the
-    paths. The HTML page embeds the figures of ``<reports>/<dataset>-report/`` (a ``bench report``
-    directory; ``reports`` defaults to ``out_dir``) when there is one; one made from other results is
-    refused before that dataset's files are written."""
+    """Write ``<name>.md``, ``.csv``, ``.png`` and ``.html`` for every (dataset, foundation) in ``df``
+    (``boards``); returns the paths. The HTML page embeds the figures of ``<reports>/<name>-report/`` (a
+    ``bench report`` directory; ``reports`` defaults to ``out_dir``) when there is one; one made from other
+    results is refused before that leaderboard's files are written."""
     from bench.leaderboard_html import Figure, check_report, report_figures, write_page
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for dataset in sorted(df["dataset"].unique()):
-        table = leaderboard_table(df, dataset, n_boot=n_boot, seed=seed)
-        report = Path(reports if reports is not None else out_dir) / f"{dataset}-report"
+    for dataset, name, title, rows in boards(df):
+        table = leaderboard_table(rows, dataset, n_boot=n_boot, seed=seed)
+        report = Path(reports if reports is not None else out_dir) / f"{name}-report"
         from_report = []
         if (report / "report.md").is_file():  # its figures go into the page: refused if made from other results
             check_report(report, table, dataset)
             from_report = report_figures(report, dataset)
-        csv = out_dir / f"{dataset}.csv"
+        csv = out_dir / f"{name}.csv"
         table.to_csv(csv, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
-        md = out_dir / f"{dataset}.md"
-        caption = provenance(df, dataset)
-        md.write_text(_markdown(table, dataset, caption))
-        png = _figure(table, dataset, out_dir / f"{dataset}.png")
-        figures = [Figure(png, f"Mean Dice with its 95% CI per method and shots, {dataset}", None), *from_report]
-        written += [md, csv, png, write_page(table, dataset, caption, figures, out_dir / f"{dataset}.html")]
+        md = out_dir / f"{name}.md"
+        caption = provenance(rows, dataset)
+        md.write_text(_markdown(table, title, caption))
+        png = _figure(table, title, out_dir / f"{name}.png")
+        figures = [Figure(png, f"Mean Dice with its 95% CI per method and shots, {title}", None), *from_report]
+        written += [md, csv, png, write_page(table, title, caption, figures, out_dir / f"{name}.html")]
     return written
 
 
@@ -219,8 +247,8 @@ def shown_columns(t: pd.DataFrame) -> pd.DataFrame:
         **extra_eval.markdown_columns(t)})
 
 
-def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
-    lines = [f"# Leaderboard: {dataset}", "", HEADER, "", *[f"- {line}" for line in caption], "",
+def _markdown(table: pd.DataFrame, title: str, caption: List[str]) -> str:
+    lines = [f"# Leaderboard: {title}", "", HEADER, "", *[f"- {line}" for line in caption], "",
              legend(table), ""]
     for shots, t in table.groupby("shots", sort=True):
         lines += [f"## {shots}-shot", ""]
@@ -231,7 +259,7 @@ def _markdown(table: pd.DataFrame, dataset: str, caption: List[str]) -> str:
     return "\n".join(lines)
 
 
-def _figure(table: pd.DataFrame, dataset: str, path: Path) -> Path:
+def _figure(table: pd.DataFrame, title: str, path: Path) -> Path:
     """Mean Dice with CI per method, one panel per shots, best on top; reference rows hollow and grey."""
     shots = sorted(table["shots"].unique())
     colours = palette(list(table.method.unique()))
@@ -250,6 +278,6 @@ def _figure(table: pd.DataFrame, dataset: str, path: Path) -> Path:
                           else f"{r.method} {r.marker}".strip() for r in t.itertuples()])
         ax.set(title=f"{s}-shot", xlabel="mean Dice (95% CI)")
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{dataset} leaderboard ({WORSE} = significantly worse than the leader)")
+    fig.suptitle(f"{title} leaderboard ({WORSE} = significantly worse than the leader)")
     fig.tight_layout()
     return save_figure(fig, path)

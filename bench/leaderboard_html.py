@@ -84,7 +84,8 @@ def check_report(report_dir, table: pd.DataFrame, dataset: str) -> None:
 
 
 def write_page(table: pd.DataFrame, dataset: str, caption: List[str], figures: List[Figure], path) -> Path:
-    """Write the page for ``table`` (``leaderboard_table``'s rows of ``dataset``) to ``path``."""
+    """Write the page for ``table`` (``leaderboard_table``'s rows of ``dataset``) to ``path``; ``dataset`` is
+    the page's title (``bench.leaderboard.boards``: the dataset, with its foundation where it has several)."""
     path = Path(path)
     path.write_text(render_page(table, dataset, caption, figures))
     return path

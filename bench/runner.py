@@ -46,7 +46,7 @@ class RunSpec:
     eval_every: Optional[int] = None     # None: the dataset's (Dataset.default_eval_every)
     batch_size: Optional[int] = None     # None: the plans' batch size
     hparams: Dict[str, Any] = field(default_factory=dict)
-    foundation: Optional[str] = None     # None: the phantom foundation (built on first use)
+    foundation: Optional[str] = None     # None: the phantom foundation; a suite recipe's name or a path
     protocol_version: Optional[str] = None
     device: str = "auto"
     evaluate_on: str = "test"            # "tune" for hyper-parameter search: test cases never touched
@@ -98,8 +98,10 @@ class RunSpec:
         protocol version) and the foundation by its checkpoint's content, not by path or name."""
         fid = foundation_identity(self.foundation)
         if fid is None:
-            raise FoundationNotBuilt("the default phantom foundation is not built yet "
-                                     "(`bench foundation build`, or any run builds it)")
+            from bench.foundation import foundation_recipe
+            name = foundation_recipe(self.foundation)["name"]
+            raise FoundationNotBuilt(f"the phantom foundation {name} is not built yet "
+                                     f"(`bench foundation build --recipe {name}`, or any run builds it)")
         key = {k: v for k, v in asdict(self).items() if k not in ("device", "foundation")}
         if self.augment is None:  # only when set: runs made before the field existed keep their ids
             del key["augment"]
@@ -126,15 +128,13 @@ class FoundationNotBuilt(RuntimeError):
 
 
 def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
-    """Name, checkpoint path and sha256 of a spec's foundation; None while the default phantom
-    foundation is not built yet (then no run with it can have finished either)."""
-    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir, foundation_folder, foundation_name
-    if foundation:
-        folder = foundation_folder(foundation)  # a v1 STU-Net checkpoint: its converted folder
-    else:
-        folder = existing_phantom_foundation_dir()  # a rebuilt copy in $BENCH_HOME, else the shipped one
-        if folder is None:
-            return None
+    """Name, checkpoint path and sha256 of a spec's foundation; None while a phantom foundation (the default,
+    or a suite recipe named by ``foundation``) is not built yet (then no run with it can have finished either)."""
+    from bench.foundation import _find_checkpoint, existing_foundation_dir, foundation_name
+    # a recipe: its rebuilt copy in $BENCH_HOME, else the shipped one; a v1 STU-Net checkpoint: its converted folder
+    folder = existing_foundation_dir(foundation)
+    if folder is None:
+        return None
     ckpt = _find_checkpoint(folder)
     return {"name": foundation_name(folder), "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
 
@@ -160,7 +160,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     from bench.datasets import get_dataset
     from bench.engine.predict import make_predictor, predict_case
     from bench.engine.preprocess import transfer_plans
-    from bench.foundation import get_phantom_foundation, load_foundation, save_model_folder, target_load_report
+    from bench.foundation import get_foundation, save_model_folder, target_load_report
     from bench.methods import get_method
     from bench.metrics import METRICS_VERSION, foreground_labels, run_summary, score_labels
     from bench.protocols import Protocol
@@ -179,7 +179,7 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
         assert not set(eval_ids) & set(split.test), "tuning must never evaluate on test cases"
 
     dev = resolve_device(spec.device)
-    foundation = load_foundation(spec.foundation) if spec.foundation else get_phantom_foundation(log=log, device=spec.device)
+    foundation = get_foundation(spec.foundation, log=log, device=spec.device)
     fid = foundation_identity(spec.foundation)
     seed, seed_source = spec.resolved_seed()
     plans = transfer_plans(foundation.plans, dataset.folder_name)

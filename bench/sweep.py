@@ -259,18 +259,18 @@ def _submit_slurm(todo, tracking_uri, workers, tune_trials, slurm: Optional[dict
 
 
 def _prepare_shared_inputs(specs: List[RunSpec], log: Callable, tracking_uri: Optional[str]) -> None:
-    """Create the tracking store, generate embedded datasets and build the default foundation once,
+    """Create the tracking store, generate embedded datasets and build the suite's foundations once,
     before cells run in parallel, so workers never race to create the same things."""
     from bench.datasets import get_dataset
-    from bench.foundation import get_phantom_foundation
+    from bench.foundation import foundation_recipe, get_foundation
     from bench.tracking import open_store
     open_store(tracking_uri)  # MLflow creates its SQLite schema on first use; two workers doing it collide
     for name in sorted({s.dataset for s in specs}):
         ds = get_dataset(name)
         if not ds.needs_source:  # a missing release is each cell's own, reported failure
             ds.ensure_prepared()
-    if any(s.foundation is None for s in specs):
-        get_phantom_foundation(log=log, device=specs[0].device)
+    for foundation in sorted({s.foundation for s in specs if foundation_recipe(s.foundation)}, key=str):
+        get_foundation(foundation, log=log, device=specs[0].device)
 
 
 def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force: bool = False,

@@ -98,7 +98,7 @@ def test_build_into_a_folder_records_recipe_command_and_source_dice(bench_home, 
     assert main(["foundation", "build", "--iterations", "2", "--into", str(out), "--device", "cpu"]) == 0
     info = json.loads((out / "bench.json").read_text())
     assert info["recipe"] == {**PHANTOM_RECIPE, "iterations": 2, "name": "phantom-v2-it2"}
-    assert info["command"] == "bench foundation build --rebuild --into bench/pretrained/phantom-v2-it2"
+    assert info["command"] == "bench foundation build --iterations 2 --rebuild --into bench/pretrained/phantom-v2-it2"
     assert set(info["source_dice"]) == set(info["val_ids"]) and all(0 <= d <= 1 for d in info["source_dice"].values())
     assert load_foundation(out).plans["configurations"]["3d_fullres"]["patch_size"] == PHANTOM_RECIPE["plans"]["patch_size"]
     assert str(out) in capsys.readouterr().out

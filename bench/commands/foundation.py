@@ -6,9 +6,11 @@ from bench.options import positive_int
 
 
 def register(sub) -> None:
-    p = sub.add_parser("foundation", help="build or inspect the phantom foundation model")
+    p = sub.add_parser("foundation", help="build or inspect the phantom foundation models")
     s = p.add_subparsers(dest="action", required=True)
-    b = s.add_parser("build", help="pretrain the tiny foundation on phantom-source (same recipe, same seed)")
+    b = s.add_parser("build", help="pretrain a tiny foundation on phantom-source (same recipe, same seed)")
+    b.add_argument("--recipe", default=None, metavar="NAME",
+                   help="the suite's recipe: phantom-v2 (PlainConvUNet, the default) or phantom-stunet-v1 (STU-Net)")
     b.add_argument("--rebuild", action="store_true", help="discard the cached model first")
     b.add_argument("--iterations", type=positive_int, default=None, help="override the recipe (for quick checks)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -20,7 +22,8 @@ def register(sub) -> None:
                       description="Architecture, parameter count, labels, spacing, normalisation per channel, "
                                   "and which tensors fine-tuning on --target loads or re-initialises.")
     sh.add_argument("path", nargs="?", default=None,
-                    help="nnU-Net model folder, or an STU-Net v1 .model file (default: phantom foundation)")
+                    help="a suite recipe's name (phantom-stunet-v1), an nnU-Net model folder, or an STU-Net v1 "
+                         ".model file (default: the phantom foundation, followed by the list of suite recipes)")
     sh.add_argument("--target", default="phantom", metavar="DATASET",
                     help="dataset whose labels and channels the load check uses (default: phantom)")
     sh.set_defaults(func=show)
@@ -40,25 +43,27 @@ def register(sub) -> None:
 def build(args) -> int:
     from pathlib import Path
 
-    from bench.foundation import PHANTOM_RECIPE, build_phantom_foundation, get_phantom_foundation, load_foundation
-    recipe = dict(PHANTOM_RECIPE)
-    if args.iterations:
-        recipe.update(iterations=args.iterations, name=f"{recipe['name']}-it{args.iterations}")
+    from bench.foundation import (PHANTOM_RECIPE, build_phantom_foundation, get_phantom_foundation, load_foundation,
+                                  phantom_recipe, rebuild_command)
+    recipe = phantom_recipe(args.recipe, args.iterations)
+    command = rebuild_command(args.recipe or PHANTOM_RECIPE["name"], args.iterations, recipe["name"])
     if args.into:
-        f = load_foundation(build_phantom_foundation(Path(args.into), recipe, device=args.device))
+        f = load_foundation(build_phantom_foundation(Path(args.into), recipe, device=args.device, command=command))
     else:
-        f = get_phantom_foundation(recipe=recipe, rebuild=args.rebuild, device=args.device)
+        f = get_phantom_foundation(recipe=recipe, rebuild=args.rebuild, device=args.device, command=command)
     print(f"foundation {f.name}: {f.folder}")
     return 0
 
 
 def show(args) -> int:
     from bench.datasets import get_dataset
-    from bench.foundation import get_phantom_foundation, load_foundation
-    from bench.foundation_info import describe
-    f = load_foundation(args.path) if args.path else get_phantom_foundation()
+    from bench.foundation import get_foundation
+    from bench.foundation_info import describe, suite_foundations
+    f = get_foundation(args.path)
     target = get_dataset(args.target)
     print(describe(f, target.name, target.dataset_json(0)))
+    if args.path is None:
+        print(suite_foundations())
     return 0
 
 

@@ -19,8 +19,8 @@ def network_factory(foundation=None):
     if foundation is None:
         plans, dataset_json, configuration = tiny_plans("Dataset902_PhantomTarget"), ONE_LABEL_DATASET_JSON, "3d_fullres"
     else:
-        from bench.foundation import load_foundation
-        f = load_foundation(foundation)
+        from bench.foundation import get_foundation
+        f = get_foundation(foundation)
         plans, dataset_json, configuration = f.plans, f.dataset_json, f.configuration
     return lambda: build_network(plans, dataset_json, configuration)
 

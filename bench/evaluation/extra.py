@@ -59,14 +59,14 @@ def _write_extra(run_folder: Path, sets: Dict[str, dict]) -> None:
 
 def foundation_folder(result: dict, foundation_dir: Optional[str] = None) -> Path:
     """The folder of the run's foundation, found by its checkpoint's sha256: ``foundation_dir`` if given,
-    else where the run recorded it, else the phantom foundation (rebuilt or shipped) when it matches."""
-    from bench.foundation import _find_checkpoint, existing_phantom_foundation_dir
+    else where the run recorded it, else a suite phantom foundation (rebuilt or shipped) when it matches."""
+    from bench.foundation import RECIPES, _find_checkpoint, existing_phantom_foundation_dir
     from bench.provenance import checkpoint_sha256
     want = result["provenance"]["foundation"]["sha256"]
     recorded = Path(result["provenance"]["foundation"]["checkpoint"])
     candidates = [Path(foundation_dir).expanduser()] if foundation_dir else []
     candidates += [recorded.parent.parent if recorded.parent.name.startswith("fold_") else recorded.parent,
-                   existing_phantom_foundation_dir()]
+                   *(existing_phantom_foundation_dir(r) for r in RECIPES.values())]
     for folder in candidates:
         try:
             if folder is not None and checkpoint_sha256(_find_checkpoint(folder)) == want:

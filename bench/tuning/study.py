@@ -198,9 +198,6 @@ def tune(method: str, dataset: str = "phantom", shots: int = 3, budget: Optional
 def _preflight(dataset: str, foundation: Optional[str], device: str, log: Callable) -> None:
     """Prepare the dataset and foundation once, loudly, so trials do not all fail on them."""
     from bench.datasets import get_dataset
-    from bench.foundation import get_phantom_foundation, load_foundation
+    from bench.foundation import get_foundation
     get_dataset(dataset).ensure_prepared()
-    if foundation:
-        load_foundation(foundation)
-    else:
-        get_phantom_foundation(log=log, device=device)
+    get_foundation(foundation, log=log, device=device)
