@@ -7,8 +7,8 @@ def register(sub) -> None:
                        description="For every registered method (default hyper-parameters): what it trains, "
                                    "the trainable parameter count after its set-up and the share of the "
                                    "foundation network's parameters.")
-    p.add_argument("--foundation", default=None, metavar="PATH",
-                   help="nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
+    p.add_argument("--foundation", default=None, metavar="NAME|PATH",
+                   help="a suite recipe's name (phantom-stunet-v1) or an nnU-Net trained-model folder; "
                         "default: the phantom foundation's architecture")
     p.set_defaults(func=main)
 

@@ -24,8 +24,9 @@ def add_run_arguments(p) -> None:
     p.add_argument("--repeat", type=nonneg_int, default=0, help="protocol repeat (support draw), default 0")
     p.add_argument("--protocol", default=None, help="protocol version (default: newest)")
     p.add_argument("--foundation", default=None,
-                   help="nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
-                        "default: the phantom foundation, built on first use")
+                   help="a suite recipe's name (phantom-v2, phantom-stunet-v1: shipped, else built on first use) or "
+                        "an nnU-Net trained-model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth); "
+                        "default: the phantom foundation phantom-v2")
     p.add_argument("--iterations", type=positive_int, default=None,
                    help="training iterations, the same for every method of a table (default: the dataset's "
                         "budget: phantom 20 per training case, at least 60; segrap2023 / lnq2023 12,500 = "

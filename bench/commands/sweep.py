@@ -51,7 +51,8 @@ def register(sub) -> None:
                    help="join this running Ray cluster (as started by `ray start --head`; default: $RAY_ADDRESS)")
     p.add_argument("--workers", type=CHECKS["workers"], default=None,
                    help="parallel cells (local: one per GPU if any)")
-    p.add_argument("--foundation", default=None)
+    p.add_argument("--foundation", default=None, metavar="NAME|PATH",
+                   help="a suite recipe's name (phantom-stunet-v1) or a model folder (default: phantom-v2)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     p.add_argument("--dry-run", action="store_true",
