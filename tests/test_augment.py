@@ -168,13 +168,15 @@ def test_augment_is_in_the_run_id_only_when_set(monkeypatch, tmp_path):
     runs = pd.read_csv(ROOT / "leaderboards" / "results.csv").drop_duplicates("run_id")
     plain_runs = runs[runs.augment == "none"]
     assert len(plain_runs) >= 200
-    for r in plain_runs.itertuples():
-        spec = RunSpec(method=r.method, shots=r.shots, repeat=r.repeat, iterations=r.iterations)
+    for r in plain_runs.itertuples():  # another suite foundation's rows (phantom-stunet-v1) name it by its recipe
+        foundation = None if r.foundation == "phantom-v2" else r.foundation
+        spec = RunSpec(method=r.method, shots=r.shots, repeat=r.repeat, iterations=r.iterations, foundation=foundation)
         assert "augment" not in spec.identity()
         assert spec.run_id() == r.run_id, (r.method, r.shots, r.repeat)
     for r in runs[runs.augment != "none"].itertuples():  # the committed +synth rows: their own cells
         method, _ = split_row_label(r.method)
-        spec = RunSpec(method=method, shots=r.shots, repeat=r.repeat, iterations=r.iterations, augment=r.augment)
+        spec = RunSpec(method=method, shots=r.shots, repeat=r.repeat, iterations=r.iterations, augment=r.augment,
+                       foundation=None if r.foundation == "phantom-v2" else r.foundation)
         assert spec.run_id() == r.run_id, (r.method, r.shots, r.repeat)
     plain = RunSpec(method="dgst")
     augmented = RunSpec(method="dgst", augment="synth-nodes")

@@ -7,7 +7,8 @@ from bench.commands import add_budget_selection, budget_selection
 def register(sub) -> None:
     p = sub.add_parser("leaderboard", help="regenerate the leaderboards (markdown, csv, png, html page)",
                        description="Collect result.json files into the results snapshot CSV, then render "
-                                   "one leaderboard per dataset from that snapshot. With --from-snapshot, "
+                                   "one leaderboard per dataset and foundation from that snapshot (<dataset>; "
+                                   "another foundation's <dataset>@<foundation>). With --from-snapshot, "
                                    "render from the committed snapshot only: regenerating what is committed "
                                    "gives no diff. The HTML page embeds the figures of a `bench report` "
                                    "directory <dataset>-report/ under --reports when there is one.")
@@ -16,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("--snapshot", default="leaderboards/results.csv", help="results snapshot CSV")
     p.add_argument("--out", default="leaderboards", help="output directory (default: leaderboards)")
     p.add_argument("--reports", default=None, metavar="DIR",
-                   help="where <dataset>-report/ directories of `bench report` are (default: --out); their "
+                   help="where <name>-report/ directories of `bench report` are (default: --out; <name>: the "
+                        "leaderboard's, e.g. phantom or phantom@phantom-stunet-v1); their "
                         "figures are embedded in the HTML page")
     p.add_argument("--from-snapshot", action="store_true",
                    help="render from --snapshot without collecting results")
