@@ -76,7 +76,9 @@ def suite_foundations() -> str:
     """The suite's phantom foundations (``--foundation NAME``): network and where each one loads from."""
     lines = ["suite foundations (--foundation NAME; the first is the default):"]
     for name, recipe in RECIPES.items():
-        network = recipe.get("architecture", {}).get("network", "plain (PlainConvUNet)")
+        arch = recipe.get("architecture")
+        network = "PlainConvUNet" if arch is None else \
+            f"{arch['network']} ({arch.get('n_blocks_per_stage')} residual blocks per stage)"
         folder = existing_phantom_foundation_dir(recipe)
         if folder is None:
             where = "not built: the first run builds it"
