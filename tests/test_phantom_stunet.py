@@ -127,8 +127,8 @@ def test_the_committed_sweep_file_runs_its_rows_on_the_stunet_foundation():
     cfg = _checked_file(ROOT / "leaderboards" / "phantom-stunet-sweep.json")
     rows = resolve_rows(cfg["methods"])
     assert rows == ["zero-shot", "linear-probe", "full", "dgst", "lora", "oracle"]
-    specs = grid(rows, cfg["datasets"], cfg["shots"], range(cfg["repeats"]), iterations=cfg["iterations"],
-                 foundation=cfg["foundation"])
+    assert "iterations" not in cfg  # the dataset's budget, as the default foundation's sweep file
+    specs = grid(rows, cfg["datasets"], cfg["shots"], range(cfg["repeats"]), foundation=cfg["foundation"])
     assert len(specs) == 6 * 3 * 5 and {s.foundation for s in specs} == {NAME}
     assert foundation_recipe(cfg["foundation"]) is PHANTOM_STUNET_RECIPE
 
