@@ -111,8 +111,9 @@ def test_committed_sweep_full_learns_from_more_shots(sweep):
 # Known answers the committed sweep does not yet establish with the calibrated procedure (5 repeats give
 # the support-draw component about 4-6 degrees of freedom). Strict: once a sweep establishes one, the
 # test fails until the marker is removed.
-NOT_YET = pytest.mark.xfail(strict=True, reason="not established by the committed 5-repeat sweep at 60 "
-                                                "iterations (crossed CI includes zero); see docs/phantom.md")
+NOT_YET = pytest.mark.xfail(strict=True, reason="not established by the committed 5-repeat sweep (crossed CI "
+                                                "includes zero: 1-shot Dice varies with the support case); see "
+                                                "docs/phantom.md")
 
 
 @NOT_YET
@@ -125,7 +126,6 @@ def test_committed_sweep_full_five_shots_above_one(sweep):
     _crossed_better(sweep, ("full", 5), ("full", 1))
 
 
-@NOT_YET
 def test_committed_sweep_oracle_above_every_few_shot_row(sweep):
     few_shot = [m for m in sorted(set(sweep["method"])) if role(m) != "reference"]
     for method in few_shot:
