@@ -288,7 +288,7 @@ def sweep(specs: List[RunSpec], executor: str = "local", workers: int = 1, force
     todo = [s for s in specs if id(s) not in done]
     for s in todo:
         run_dir(s)  # create the folders up front (cell.log lives there)
-    waves = _tuning_waves(todo) if tune_trials else [todo]
+    waves = [w for wave in (_tuning_waves(todo) if tune_trials else [todo]) for w in _twin_waves(wave)]
     estimate = estimate_seconds(todo, tune_trials)
     where = _start_ray(ray_address, workers) if executor == "ray" and todo else executor
     log(f"sweep: {len(specs)} cells, {len(outcomes)} already done, {len(todo)} to run on {where} "
@@ -325,6 +325,22 @@ def _tuning_waves(todo: List[RunSpec]) -> List[List[RunSpec]]:
         (rest if study in seen else first).append(s)
         seen.add(study)
     return [first, rest]
+
+
+def _twin_waves(todo: List[RunSpec]) -> List[List[RunSpec]]:
+    """A method that does not read the shots (``Method.depends_on_shots``: the reference rows) trains once
+    per repeat: one of its cells runs in the first wave, the other shot counts wait for it and reuse its run
+    (two workers starting both would train twice)."""
+    from bench.methods import METHODS
+    first, twins, seen = [], [], set()
+    for s in todo:
+        if METHODS.get(s.method).depends_on_shots:
+            first.append(s)
+            continue
+        twin = (s.method, s.augment, s.dataset, s.repeat, s.foundation, s.protocol_version, s.iterations)
+        (twins if twin in seen else first).append(s)
+        seen.add(twin)
+    return [first, twins]
 
 
 def _write_summary(outcomes, wall, executor, workers, tracking_uri) -> Path:

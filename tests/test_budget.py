@@ -74,3 +74,14 @@ def test_reference_rows_are_reused_across_shot_counts(bench_home, tiny_foundatio
     # only the reference rows read nothing of the shots; every other method trains on its support set
     from bench.methods import METHODS
     assert {m for m in METHODS.names() if not METHODS.get(m).depends_on_shots} == {"oracle", "zero-shot"}
+
+
+def test_sweep_trains_a_reference_row_once_per_repeat_before_its_twins():
+    """Its other shot counts wait in a second wave, so no two workers train the same oracle run."""
+    from bench.sweep import _twin_waves, grid
+    specs = grid(["oracle", "full", "zero-shot"], ["phantom"], [1, 3, 5], [0, 1])
+    first, twins = _twin_waves(specs)
+    assert sorted((s.method, s.shots, s.repeat) for s in twins) == sorted(
+        (m, k, r) for m in ("oracle", "zero-shot") for k in (3, 5) for r in (0, 1))
+    assert {(s.method, s.shots) for s in first} == {("oracle", 1), ("zero-shot", 1)} | {("full", k) for k in (1, 3, 5)}
+    assert len(first) + len(twins) == len(specs) == 18
