@@ -81,12 +81,13 @@ def cell_costs(specs: Iterable, tune_trials: int, tune_repeats: int, device: str
     """One cost per spec; a study's cost is charged to its first cell. A method that does not depend on the
     shots (the reference rows) trains once per repeat: its cells at other shot counts reuse that run."""
     from bench.methods import METHODS
+    from bench.runner import shots_free_key
     from bench.sweep import cell_key
     times = times or StepTimes()
     out, studies, trained = [], set(), set()
     for s in specs:
         if not METHODS.get(s.method).depends_on_shots:
-            twin = (s.method, s.augment, s.dataset, s.repeat, s.foundation, s.iterations)
+            twin = shots_free_key(s)
             if twin in trained:
                 out.append(CellCost(cell_key(s), 0.0, "reused: the run of another shot count"))
                 continue

@@ -284,6 +284,12 @@ def record(result: dict, out: Path, tracking_uri: Optional[str], parent_run_id: 
     return result
 
 
+def shots_free_key(spec: RunSpec) -> str:
+    """The spec with its shot count left out: what the runs of a method that does not read the shots
+    (``Method.depends_on_shots``) share across shot counts."""
+    return json.dumps({**asdict(spec), "shots": None}, sort_keys=True, default=str)
+
+
 def finished_twin(spec: RunSpec, protocol) -> Optional[Tuple[Path, dict]]:
     """The folder and result of a finished run of ``spec`` at another of the protocol's shot counts: for a
     method that reads nothing of the shots (``Method.depends_on_shots``) it trained and predicted exactly

@@ -332,12 +332,13 @@ def _twin_waves(todo: List[RunSpec]) -> List[List[RunSpec]]:
     per repeat: one of its cells runs in the first wave, the other shot counts wait for it and reuse its run
     (two workers starting both would train twice)."""
     from bench.methods import METHODS
+    from bench.runner import shots_free_key
     first, twins, seen = [], [], set()
     for s in todo:
         if METHODS.get(s.method).depends_on_shots:
             first.append(s)
             continue
-        twin = (s.method, s.augment, s.dataset, s.repeat, s.foundation, s.protocol_version, s.iterations)
+        twin = shots_free_key(s)
         (twins if twin in seen else first).append(s)
         seen.add(twin)
     return [first, twins]

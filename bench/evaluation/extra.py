@@ -185,16 +185,13 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
-def _is_current(record: Optional[dict]) -> bool:
+def _is_current(record: Optional[dict], result: dict) -> bool:
+    """Made by this evaluation and metrics version; for a multi-label run's retention, also scored on the
+    source's own labels (records made before then counted any foreground label)."""
     from bench.metrics import METRICS_VERSION
     return bool(record) and record.get("eval_version") == EXTRA_EVAL_VERSION \
-        and record.get("metrics_version") == METRICS_VERSION
-
-
-def _scored_any_label(result: dict, record: Optional[dict]) -> bool:
-    """A multi-label run's retention record made before retention scored the source's labels only."""
-    return bool(record) and record.get("axis") == "retention" and "labels" in result \
-        and "labels_scored" not in record
+        and record.get("metrics_version") == METRICS_VERSION \
+        and not (record.get("axis") == "retention" and "labels" in result and "labels_scored" not in record)
 
 
 def model_folder(run_folder: Path, result: dict) -> Path:
@@ -225,8 +222,8 @@ def evaluate_run(run_folder, axes: Sequence[str] = AXES, retention: Optional[str
     foundation_path = foundation_folder(result, foundation_dir)
     wanted = sets_for_run(result, foundation_path, axes, retention)
     missing = {a: w for a, w in wanted.items() if isinstance(w, str)}
-    todo = [w for w in wanted.values() if not isinstance(w, str) and (force or not _is_current(sets.get(w.key)))
-            or _scored_any_label(result, sets.get(getattr(w, "key", None)))]
+    todo = [w for w in wanted.values()
+            if not isinstance(w, str) and (force or not _is_current(sets.get(w.key), result))]
     if not todo:
         return {"status": "skipped", "why": "; ".join(missing.values()) or "up to date", "sets": sets}
     configure_nnunet_env()
