@@ -89,7 +89,9 @@ class RunSpec:
         """(seed, where it came from)."""
         if self.seed is not None:
             return int(self.seed), "user"
-        version = self.resolved_protocol_version()
+        from bench.protocols import Protocol
+        # a repeat shared with the version this one extends keeps that version's seed (Protocol.seed_version)
+        version = Protocol.load(self.dataset, self.resolved_protocol_version()).seed_version(self.repeat)
         return derive_seed(self.dataset, version, self.repeat), \
             f"derived: sha256('{self.dataset}/{version}/repeat{self.repeat}')[:4]"
 
@@ -201,9 +203,10 @@ def run(spec: RunSpec, log: Callable = print, tracking_uri: Optional[str] = None
     train_ids = method.training_ids(split.support, protocol.pool)
     if set(train_ids) & set(eval_ids):
         raise ValueError(f"{spec.method} trains on {spec.evaluate_on} cases; it cannot be evaluated on them")
-    twin = None if method.depends_on_shots else finished_twin(spec, protocol)
-    if twin is not None:
-        return reuse_twin(spec, *twin, split, out, log, tracking_uri, parent_run_id)
+    earlier = finished_ancestor(spec, protocol) or (None if method.depends_on_shots
+                                                    else finished_twin(spec, protocol))
+    if earlier is not None:
+        return reuse_run(spec, *earlier, split, protocol.version, out, log, tracking_uri, parent_run_id)
     if method.trains:
         outcome = train_network(dataset=dataset, plans=plans, dataset_json=dataset_json,
                                 configuration=foundation.configuration, method=method,
@@ -294,25 +297,49 @@ def finished_twin(spec: RunSpec, protocol) -> Optional[Tuple[Path, dict]]:
     """The folder and result of a finished run of ``spec`` at another of the protocol's shot counts: for a
     method that reads nothing of the shots (``Method.depends_on_shots``) it trained and predicted exactly
     what this run would (same cases, seed, budget, recipe)."""
-    for shots in protocol.shots:
-        if shots != spec.shots:
-            folder = run_dir(replace(spec, shots=shots))
-            if (folder / "result.json").is_file():
-                return folder, json.loads((folder / "result.json").read_text())
+    return _finished(replace(spec, shots=shots) for shots in protocol.shots if shots != spec.shots)
+
+
+def finished_ancestor(spec: RunSpec, protocol) -> Optional[Tuple[Path, dict]]:
+    """The folder and result of a finished run of ``spec`` under a version ``protocol`` extends that has its
+    repeat: the same split, seed, budget and recipe (``Protocol.check_extends``, ``Protocol.seed_version``),
+    hence the same experiment."""
+    earlier = []
+    parent = protocol.parent()
+    while parent is not None and spec.repeat < parent.n_repeats:
+        earlier.append(replace(spec, protocol_version=parent.version))
+        parent = parent.parent()
+    return _finished(earlier)
+
+
+def _finished(specs) -> Optional[Tuple[Path, dict]]:
+    for other in specs:
+        folder = run_dir(other)
+        if (folder / "result.json").is_file():
+            return folder, json.loads((folder / "result.json").read_text())
     return None
 
 
-def reuse_twin(spec: RunSpec, folder: Path, twin: dict, split, out: Path, log: Callable,
-               tracking_uri: Optional[str], parent_run_id: Optional[str]) -> dict:
-    """Record the twin's model and scores as this cell's run (its own id, shots and split), saying so."""
-    log(f"  reusing run {twin['run_id']} ({twin['spec']['shots']}-shot): {spec.method} does not depend on the "
-        "shot count")
-    result = json.loads(json.dumps(twin))
+def reuse_run(spec: RunSpec, folder: Path, earlier: dict, split, protocol_version: str, out: Path, log: Callable,
+              tracking_uri: Optional[str], parent_run_id: Optional[str]) -> dict:
+    """Record an earlier run of the same experiment (``finished_twin``, ``finished_ancestor``) as this cell's
+    run: its model, scores and extra evaluation, under this cell's own id, shots, protocol version and split,
+    saying which run it reuses."""
+    from bench.evaluation.extra import EXTRA_FILE
+    was = earlier["spec"]
+    why = (f"{spec.method} does not depend on the shot count" if was["shots"] != spec.shots
+           else f"protocol {protocol_version} extends {was['protocol_version']} with this repeat unchanged")
+    log(f"  reusing run {earlier['run_id']} ({was['shots']}-shot, protocol {was['protocol_version']}): {why}")
+    result = json.loads(json.dumps(earlier))
     model_dir = out / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.copytree(folder / "model", model_dir)
+    if (folder / EXTRA_FILE).is_file():   # scores of the same model on the auxiliary sets
+        shutil.copyfile(folder / EXTRA_FILE, out / EXTRA_FILE)
     result.pop("mlflow_run_id", None)
+    result["provenance"]["protocol"]["version"] = protocol_version
     result.update(run_id=spec.run_id(), support=split.support, tune=split.tune, model_dir=str(model_dir),
-                  spec={**twin["spec"], "shots": spec.shots},
-                  reused_from={"run_id": twin["run_id"], "shots": twin["spec"]["shots"]})
+                  spec={**was, "shots": spec.shots, "protocol_version": protocol_version},
+                  reused_from={"run_id": earlier["run_id"], "shots": was["shots"],
+                               "protocol_version": was["protocol_version"]})
     return record(result, out, tracking_uri, parent_run_id)

@@ -250,13 +250,25 @@ class Phantom(_PhantomBase):
 
 def protocol_v2() -> dict:
     """How ``bench/protocols/phantom/v2.json`` was made (a test checks the committed file matches)."""
+    return _protocol("v2", repeats=5, notes="Results of v1 (generator v1, 10 test cases) are not comparable.")
+
+
+def protocol_v3() -> dict:
+    """How ``bench/protocols/phantom/v3.json`` was made: v2 with 10 repeats instead of 5. Its first 5 are v2's
+    (their runs are reused); 5 repeats left the 1-shot comparisons, which hinge on one support case, with
+    about 4 degrees of freedom for the repeat component of the crossed CI (docs/phantom.md, Repeats)."""
+    return _protocol("v3", repeats=10, extends="v2",
+                     notes="Extends v2: repeats 0-4 are v2's (same splits and seeds), 5-9 are new.")
+
+
+def _protocol(version: str, repeats: int, notes: str, extends: Optional[str] = None) -> dict:
     from bench.protocols import make_protocol
     ids = [Phantom().case_id(i) for i in range(Phantom.n_cases)]
     notes = (f"phantom generator v{PHANTOM_VERSION} (bench/datasets/phantom.py; docs/phantom.md): test = the first "
              "30 generated target cases; pool = the other 30 (supports, tuning sets and the oracle's training set). "
-             "Results of v1 (generator v1, 10 test cases) are not comparable.")
-    return make_protocol("phantom", "v2", pool=ids[30:], test=ids[:30], shots=(1, 3, 5), repeats=5, seed=2024,
-                         notes=notes)
+             + notes)
+    return make_protocol("phantom", version, pool=ids[30:], test=ids[:30], shots=(1, 3, 5), repeats=repeats,
+                         seed=2024, notes=notes, extends=extends)
 
 
 # phantom-multi: the target domain with every case showing 1-2 glands, labelled with the nodes and both

@@ -7,6 +7,11 @@ shots value, the support case ids and a disjoint tuning-validation set of the
 same size. Supports are nested across shots within a repeat (the 1-shot case is
 in the 3-shot set, which is in the 5-shot set); so are tuning sets.
 
+A version may *extend* an earlier one (``"extends": "v2"``): the same test set, pool and shots, the earlier
+version's repeats unchanged and more after them. Its shared repeats are the same experiments: they keep the
+seed of the version that introduced them (``Protocol.seed_version``), so their finished runs are reused
+(``bench.runner.finished_ancestor``) and only the new repeats train.
+
 This package is a leaf: it imports no dataset module (checking a prepared dataset against its protocol is
 ``bench.datasets.validation.check_prepared``).
 """
@@ -43,7 +48,7 @@ class Split:
 
 def make_protocol(dataset: str, version: str, pool: Sequence[str], test: Sequence[str],
                   shots: Iterable[int] = (1, 3, 5), repeats: int = 5, seed: int = 0,
-                  notes: str = "") -> dict:
+                  notes: str = "", extends: Optional[str] = None) -> dict:
     shots = sorted(set(int(s) for s in shots))
     pool, test = sorted(pool), sorted(test)
     if set(pool) & set(test):
@@ -57,9 +62,12 @@ def make_protocol(dataset: str, version: str, pool: Sequence[str], test: Sequenc
         reps.append({"repeat": r,
                      "support": {str(k): perm[:k] for k in shots},
                      "tune": {str(k): perm[kmax:kmax + k] for k in shots}})
-    return {"schema_version": SCHEMA_VERSION, "dataset": dataset, "version": version, "seed": seed,
+    data = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "version": version, "seed": seed,
             "procedure": PROCEDURE, "notes": notes, "shots": shots, "test": test, "pool": pool,
             "repeats": reps}
+    if extends:
+        data["extends"] = extends
+    return data
 
 
 class Protocol:
@@ -74,6 +82,7 @@ class Protocol:
         # Optional: label-empty cases (no node to find), scored for false positives by `bench evaluate
         # --extra nodefree`; never trained or tested on. Not part of the splits.
         self.node_free: List[str] = list(data.get("node_free", []))
+        self.extends: Optional[str] = data.get("extends")
 
     @classmethod
     def load(cls, dataset: str, version: Optional[str] = None) -> "Protocol":
@@ -84,7 +93,32 @@ class Protocol:
         path = PROTOCOL_DIR / dataset / f"{version}.json"
         if not path.is_file():
             raise ProtocolError(f"protocol {dataset}/{version} not found; available: {', '.join(versions)}")
-        return cls(json.loads(path.read_text()), path)
+        protocol = cls(json.loads(path.read_text()), path)
+        if protocol.extends:
+            protocol.check_extends(cls.load(dataset, protocol.extends))
+        return protocol
+
+    def parent(self) -> Optional["Protocol"]:
+        """The version this one extends, None if it extends none."""
+        return Protocol.load(self.dataset, self.extends) if self.extends else None
+
+    def check_extends(self, parent: "Protocol") -> None:
+        """An extension changes nothing of its parent: same test set, pool and shots, same first repeats."""
+        fix = f"{self.path}: version {self.version} extends {parent.version} ({parent.path}) but"
+        for what in ("test", "pool", "shots", "node_free"):
+            if getattr(self, what) != getattr(parent, what):
+                raise ProtocolError(f"{fix} its {what} differs; a changed {what} is a new version that extends "
+                                    "nothing")
+        if self.data["repeats"][:parent.n_repeats] != parent.data["repeats"]:
+            raise ProtocolError(f"{fix} its first {parent.n_repeats} repeats differ from the parent's; regenerate "
+                                "it with make_protocol(..., seed=the parent's seed, extends=...)")
+
+    def seed_version(self, repeat: int) -> str:
+        """The version whose name seeds ``repeat`` (provenance.derive_seed): the one that introduced it."""
+        parent = self.parent()
+        if parent is not None and repeat < parent.n_repeats:
+            return parent.seed_version(repeat)
+        return self.version
 
     def split(self, shots: int, repeat: int = 0) -> Split:
         if shots not in self.shots:
