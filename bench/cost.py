@@ -79,13 +79,20 @@ class CellCost:
 def cell_costs(specs: Iterable, tune_trials: int, tune_repeats: int, device: str,
                times: Optional[StepTimes] = None) -> List[CellCost]:
     """One cost per spec; a study's cost is charged to its first cell. A method that does not depend on the
-    shots (the reference rows) trains once per repeat: its cells at other shot counts reuse that run."""
+    shots (the reference rows) trains once per repeat: its cells at other shot counts reuse that run. A
+    cell whose run exists under a protocol version this one extends reuses it (``finished_ancestor``)."""
     from bench.methods import METHODS
-    from bench.runner import shots_free_key
+    from bench.protocols import Protocol
+    from bench.runner import finished_ancestor, shots_free_key
     from bench.sweep import cell_key
     times = times or StepTimes()
     out, studies, trained = [], set(), set()
     for s in specs:
+        earlier = not tune_trials and finished_ancestor(s, Protocol.load(s.dataset, s.protocol_version))
+        if earlier:
+            version = earlier[1]["spec"]["protocol_version"]
+            out.append(CellCost(cell_key(s), 0.0, f"reused: its run of protocol {version}"))
+            continue
         if not METHODS.get(s.method).depends_on_shots:
             twin = shots_free_key(s)
             if twin in trained:

@@ -22,7 +22,7 @@ import bench
 from bench import progress
 from bench.engine.recipe import OPTIMIZERS, Recipe, resolve_recipe
 from bench.engine.train import TrainConfig, resolve_device, train_network
-from bench.home import configure_nnunet_env, subdir
+from bench.home import bench_home, configure_nnunet_env
 from bench.provenance import checkpoint_sha256, derive_seed, device_name, git_commit, versions
 
 RESULT_SCHEMA_VERSION = 2  # 2: provenance block, resolved recipe and seed, foundation hash in the run id
@@ -141,8 +141,17 @@ def foundation_identity(foundation: Optional[str]) -> Optional[dict]:
     return {"name": foundation_name(folder), "sha256": checkpoint_sha256(ckpt), "checkpoint": str(ckpt)}
 
 
+def run_path(spec: RunSpec) -> Path:
+    """Where the cell's run lives (not created: for looking up)."""
+    return bench_home() / "runs" / spec.dataset / spec.row_label() / f"shots{spec.shots}" / f"repeat{spec.repeat}" \
+        / spec.run_id()
+
+
 def run_dir(spec: RunSpec) -> Path:
-    return subdir("runs", spec.dataset, spec.row_label(), f"shots{spec.shots}", f"repeat{spec.repeat}", spec.run_id())
+    """The cell's run folder, created."""
+    path = run_path(spec)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def augmentation_for(spec: RunSpec, method):
@@ -314,7 +323,7 @@ def finished_ancestor(spec: RunSpec, protocol) -> Optional[Tuple[Path, dict]]:
 
 def _finished(specs) -> Optional[Tuple[Path, dict]]:
     for other in specs:
-        folder = run_dir(other)
+        folder = run_path(other)
         if (folder / "result.json").is_file():
             return folder, json.loads((folder / "result.json").read_text())
     return None

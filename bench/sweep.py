@@ -42,16 +42,19 @@ class CellOutcome:
     error: str = ""
 
 
-def grid(methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int], repeats: Sequence[int],
-         **spec_fields) -> List[RunSpec]:
+def grid(methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int],
+         repeats: Optional[Sequence[int]] = None, **spec_fields) -> List[RunSpec]:
     """One spec per cell. ``methods`` are table rows: a method, or ``<method>+<label>`` for the method trained
     with an augmentation (``dgst+synth``, ``bench.augment``); ``augment`` in ``spec_fields`` applies to the
-    rows that name none."""
+    rows that name none. ``repeats`` None: every repeat of each dataset's protocol."""
     from bench.augment import split_row_label
+    from bench.protocols import Protocol
     rows = [split_row_label(m) for m in methods]
+    every = {d: range(Protocol.load(d, spec_fields.get("protocol_version")).n_repeats) for d in datasets}
     specs = [RunSpec(**{**spec_fields, "augment": a or spec_fields.get("augment")}, method=m, dataset=d, shots=k,
                      repeat=r)
-             for d, k, (m, a), r in itertools.product(datasets, shots, rows, repeats)]
+             for d, k, (m, a) in itertools.product(datasets, shots, rows)
+             for r in (every[d] if repeats is None else repeats)]
     return list({cell_key(s): s for s in specs}.values())  # `dgst` with augment= and `dgst+synth`: one cell
 
 

@@ -62,7 +62,7 @@ def test_reference_rows_are_reused_across_shot_counts(bench_home, tiny_foundatio
                    device="cpu")
     again = run(spec, log=lines.append)
     assert any(f"reusing run {first['run_id']}" in line for line in lines)
-    assert again["reused_from"] == {"run_id": first["run_id"], "shots": 1}
+    assert again["reused_from"] == {"run_id": first["run_id"], "shots": 1, "protocol_version": "v3"}
     assert again["run_id"] == spec.run_id() != first["run_id"]
     assert again["spec"]["shots"] == 3 and again["support"] == Protocol.load("phantom").split(3, 0).support
     assert again["cases"] == first["cases"] and again["trained_on"] == first["trained_on"]

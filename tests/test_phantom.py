@@ -43,7 +43,7 @@ def test_every_target_case_has_nodes_and_cases_differ():
 
 
 def test_committed_protocol_v2_is_what_its_procedure_makes():
-    p = Protocol.load("phantom")
+    p = Protocol.load("phantom", "v2")
     assert p.version == "v2" and p.data == json.loads(json.dumps(protocol_v2()))
     assert len(p.test) == 30 and len(p.pool) == 30 and p.n_repeats == 5
     ids = [Phantom().case_id(i) for i in range(Phantom.n_cases)]

@@ -18,7 +18,7 @@ from test_datasets_segrap import make_release as make_segrap_release
 ID_PATTERNS = {"phantom": r"ph_\d{3}", "segrap2023": r"segrap_\d{4}", "lnq2023": r"lnq2023_(val|test)_\d{4}"}
 
 
-NEWEST = {"phantom": "v2", "segrap2023": "v1", "lnq2023": "v1"}
+NEWEST = {"phantom": "v3", "segrap2023": "v1", "lnq2023": "v1"}
 
 
 @pytest.mark.parametrize("dataset", list(ID_PATTERNS))
@@ -97,9 +97,9 @@ def phantom_home(tmp_path_factory):
 
 
 def test_check_prepared_passes_on_phantom(phantom_home, capsys):
-    assert check_prepared("phantom").version == "v2"
+    assert check_prepared("phantom").version == "v3"
     assert main(["protocols", "check", "phantom"]) == 0
-    assert "matches protocol v2" in capsys.readouterr().out
+    assert "matches protocol v3" in capsys.readouterr().out
 
 
 def test_check_prepared_refuses_an_empty_label_the_protocol_uses(phantom_home):
@@ -111,7 +111,7 @@ def test_check_prepared_refuses_an_empty_label_the_protocol_uses(phantom_home):
         empty = sitk.GetImageFromArray(np.zeros(sitk.GetArrayViewFromImage(img).shape, np.uint8))
         empty.CopyInformation(img)
         sitk.WriteImage(empty, path, useCompression=True)
-        with pytest.raises(DatasetError, match="label of ph_000 is empty.*protocol phantom/v2"):
+        with pytest.raises(DatasetError, match="label of ph_000 is empty.*protocol phantom/v3"):
             check_prepared(ds)
     finally:
         with open(path, "wb") as f:

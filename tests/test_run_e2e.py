@@ -54,7 +54,7 @@ def test_bench_run_writes_result_and_mlflow_run(bench_home, tiny_foundation, cap
     assert prov["recipe"]["optimizer"] == "adamw" and prov["recipe"]["source"]["optimizer"] == "harness"
     assert prov["budget"]["iterations"] == 2 and prov["budget"]["train_steps"] == 2
     assert prov["budget"]["batch_size"] >= 1 and len(prov["budget"]["patch_size"]) == 3
-    assert prov["seed"]["value"] == derive_seed("phantom", Protocol.load("phantom").version, 0) and prov["seed"]["source"].startswith("derived")
+    assert prov["seed"]["value"] == derive_seed("phantom", Protocol.load("phantom").seed_version(0), 0) and prov["seed"]["source"].startswith("derived")
     assert prov["hyperparameters"] == {"values": {"gamma": 2, "hierarchical": True, "penalty": 0.0},
                                        "source": "default"}
     assert 0 < prov["updated_per_step"] < result["params"]["trainable"]  # DGST updates a subset

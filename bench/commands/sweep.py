@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--datasets", default=None, help="comma list (default phantom)")
     p.add_argument("--shots", type=CHECKS["shots"], default=None, metavar="K[,K...]",
                    help="comma list (default 1,3,5)")
-    p.add_argument("--repeats", type=CHECKS["repeats"], default=None, help="repeats 0..N-1 per cell (default 5)")
+    p.add_argument("--repeats", type=CHECKS["repeats"], default=None, help="repeats 0..N-1 per cell (default: every repeat of the dataset's protocol, e.g. phantom 10)")
     p.add_argument("--iterations", type=CHECKS["iterations"], default=None,
                    help="training iterations per cell (default: each dataset's budget, e.g. phantom 20 per "
                         "training case and at least 60, segrap2023 / lnq2023 12,500)")
@@ -93,6 +93,16 @@ def resolve_rows(selection, augment=None) -> list:
     return list(dict.fromkeys(rows))
 
 
+def _check_repeats(datasets, repeats) -> None:
+    """Refuse more repeats than a dataset's protocol has, before any cell starts."""
+    from bench.protocols import Protocol
+    for d in datasets:
+        p = Protocol.load(d)
+        if repeats is not None and repeats > p.n_repeats:
+            raise ValueError(f"--repeats {repeats}, but protocol {d}/{p.version} ({p.path}) has "
+                             f"{p.n_repeats}; ask for at most {p.n_repeats}, or leave --repeats out for all")
+
+
 def main(args) -> int:
     from bench.datasets import DATASETS
     from bench.sweep import grid, sweep
@@ -107,8 +117,10 @@ def main(args) -> int:
     extra = {k: cfg[k] for k in ("seed", "eval_every") if k in cfg}  # sweep-file only
     if pick("augment", None):
         extra["augment"] = pick("augment", None)
-    specs = grid(methods, datasets, shots, range(pick("repeats", 5)), iterations=pick("iterations", None),
-                 foundation=pick("foundation", None), device=args.device, **extra)
+    repeats = pick("repeats", None)
+    _check_repeats(datasets, repeats)
+    specs = grid(methods, datasets, shots, None if repeats is None else range(repeats),
+                 iterations=pick("iterations", None), foundation=pick("foundation", None), device=args.device, **extra)
     trials = pick("tune_trials", 0)
     from bench.commands.evaluate import check_retention
     check_retention(args)
