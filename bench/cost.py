@@ -126,7 +126,11 @@ def describe(costs: List[CellCost], specs: List, tune_trials: int, device: str) 
     lines = [f"{len(costs)} cells; {device}-hours for the {len(known)} with a measured step time: {hours:.2f}"]
     if unknown:
         lines.append(f"  {len(unknown)} cell(s) without a measured step time, not counted ({unknown[0].source})")
-    for source in sorted({c.source for c in known}):
+    reused = [c for c in known if c.source.startswith("reused")]
+    if reused:
+        lines.append(f"  {len(reused)} cell(s) reuse a finished run (another shot count of a reference row, or "
+                     "the same repeat under the protocol version this one extends)")
+    for source in sorted({c.source for c in known} - {c.source for c in reused}):
         lines.append(f"  step times from {source}")
     if tune_trials:
         lines.append(f"  tuning: pruning can save at most {pruning_bound(tune_trials, PRUNER_STARTUP_TRIALS):.0%} "

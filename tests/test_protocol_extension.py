@@ -69,6 +69,10 @@ def test_a_shared_repeat_reuses_the_earlier_versions_run_and_a_new_one_trains(be
     costs = cell_costs([RunSpec("full", repeat=r, **common) for r in (4, 5)], 0, 3, "cpu", StepTimes())
     assert costs[0].seconds == 0 and costs[0].source == "reused: its run of protocol v2"
     assert costs[1].seconds > 0
+    from bench.cost import describe
+    lines = describe(costs, [RunSpec("full", repeat=r, **common) for r in (4, 5)], 0, "cpu")
+    assert any("1 cell(s) reuse a finished run" in li for li in lines)
+    assert not any("step times from reused" in li for li in lines)
 
 
 def test_a_sweep_covers_every_repeat_of_the_protocol_and_refuses_more(bench_home, capsys):
