@@ -7,9 +7,9 @@ every few-shot row. Each ordering is a one-sided Wilcoxon signed-rank test on
 the 30 paired per-case test Dice values of repeat 0 (the reduced grid keeps this
 to a few minutes on one CPU core; the full grid is the sweep's job).
 
-The same orderings are then checked on the committed 5-repeat sweep (``leaderboards/results.csv``) with
-the suite's calibrated crossed procedure, which generalises over support draws too: there an interval
-must exclude zero, and the orderings it does not yet establish are marked as such.
+The same orderings are then checked on the committed 10-repeat sweep (``leaderboards/results.csv``,
+protocol v3) with the suite's calibrated crossed procedure, which generalises over support draws too:
+there every interval must exclude zero.
 """
 from pathlib import Path
 
@@ -64,8 +64,9 @@ def test_oracle_above_every_few_shot_row(dice):
         better(dice, "oracle", few)
 
 
-# --- the same known answers on the committed 5-repeat sweep, with the suite's calibrated statistics ---------
+# --- the same known answers on the committed 10-repeat sweep, with the suite's calibrated statistics ---------
 SNAPSHOT = Path(__file__).resolve().parents[1] / "leaderboards" / "results.csv"
+PROTOCOL, REPEATS = "v3", 10
 
 
 def _rows(df, method: str, shots: int):
@@ -83,7 +84,8 @@ def _crossed_better(df, high, low) -> None:
     """The crossed t interval of mean(high - low) (bench.stats.pairwise) lies above zero."""
     cells = pd.concat([_rows(df, *high), _rows(df, *low)])
     paired = paired_table(cells, "phantom", 0)
-    assert paired.values.index.get_level_values("repeat").nunique() == 5, "the committed sweep runs 5 repeats"
+    assert paired.values.index.get_level_values("repeat").nunique() == REPEATS, \
+        f"the committed sweep runs protocol {PROTOCOL}'s {REPEATS} repeats"
     t = pairwise(paired, [(f"{high[0]}@{high[1]}", f"{low[0]}@{low[1]}")]).iloc[0]
     assert t["diff_lo"] > 0, (f"{high} - {low}: mean Dice difference {t['mean_diff']:.3f}, 95 % crossed CI "
                               f"[{t['diff_lo']:.3f}, {t['diff_hi']:.3f}] does not exclude zero")
@@ -95,7 +97,7 @@ def sweep():
         pytest.skip("no committed results snapshot")
     df = read_snapshot(SNAPSHOT)
     # the default foundation's rows (other foundations' results have their own tables)
-    return df[(df["dataset"] == "phantom") & (df["protocol_version"] == "v2") & (df["foundation"] == "phantom-v2")]
+    return df[(df["dataset"] == "phantom") & (df["protocol_version"] == PROTOCOL) & (df["foundation"] == "phantom-v2")]
 
 
 def test_committed_sweep_floor_probe_full(sweep):
@@ -108,21 +110,10 @@ def test_committed_sweep_full_learns_from_more_shots(sweep):
     _crossed_better(sweep, ("full", 3), ("full", 1))
 
 
-# Known answers the committed sweep does not yet establish with the calibrated procedure (5 repeats give
-# the support-draw component about 4-6 degrees of freedom). Strict: once a sweep establishes one, the
-# test fails until the marker is removed.
-NOT_YET = pytest.mark.xfail(strict=True, reason="not established by the committed 5-repeat sweep (crossed CI "
-                                                "includes zero: 1-shot Dice varies with the support case); see "
-                                                "docs/phantom.md")
-
-
-@NOT_YET
-def test_committed_sweep_full_beats_probe_at_one_shot(sweep):
+def test_committed_sweep_full_learns_from_one_support_case(sweep):
+    """The 1-shot comparisons hinge on which case is the support: v2's 5 repeats did not establish them
+    (docs/phantom.md, Protocols v2 and v3); v3's 10 do."""
     _crossed_better(sweep, ("full", 1), ("linear-probe", 1))
-
-
-@NOT_YET
-def test_committed_sweep_full_five_shots_above_one(sweep):
     _crossed_better(sweep, ("full", 5), ("full", 1))
 
 

@@ -80,3 +80,9 @@ def test_a_sweep_covers_every_repeat_of_the_protocol_and_refuses_more(bench_home
     assert sorted({s.repeat for s in grid(["full"], ["phantom"], [1], protocol_version="v2")}) == list(range(5))
     assert main(["sweep", "--methods", "full", "--repeats", "11", "--dry-run"]) != 0
     assert "--repeats 11, but protocol phantom/v3" in capsys.readouterr().err
+
+
+def test_show_says_what_an_extension_shares(capsys):
+    assert main(["protocols", "show", "phantom"]) == 0
+    out = capsys.readouterr().out
+    assert "extends v2: repeats 0-4 are v2's, with its seeds" in out and "repeat 9:" in out
