@@ -24,7 +24,7 @@ software metadata.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -142,11 +142,13 @@ def boards(df: pd.DataFrame) -> List[Tuple[str, str, str, pd.DataFrame]]:
 
 
 def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N_BOOT,
-                       seed: int = 0, reports=None) -> List[Path]:
+                       seed: int = 0, reports=None, stale_report: Optional[Callable[[str], None]] = None
+                       ) -> List[Path]:
     """Write ``<name>.md``, ``.csv``, ``.png`` and ``.html`` for every (dataset, foundation) in ``df``
     (``boards``); returns the paths. The HTML page embeds the figures of ``<reports>/<name>-report/`` (a
     ``bench report`` directory; ``reports`` defaults to ``out_dir``) when there is one; one made from other
-    results is refused before that leaderboard's files are written."""
+    results is refused before that leaderboard's files are written, or, given ``stale_report``, told to it
+    and left out of the page (freshly collected results: their report comes next)."""
     from bench.leaderboard_html import Figure, check_report, report_figures, write_page
 
     out_dir = Path(out_dir)
@@ -157,8 +159,14 @@ def write_leaderboards(df: pd.DataFrame, out_dir="leaderboards", n_boot: int = N
         report = Path(reports if reports is not None else out_dir) / f"{name}-report"
         from_report = []
         if (report / "report.md").is_file():  # its figures go into the page: refused if made from other results
-            check_report(report, table, dataset)
-            from_report = report_figures(report, dataset)
+            try:
+                check_report(report, table, dataset)
+                from_report = report_figures(report, dataset)
+            except ValueError as e:
+                if stale_report is None:
+                    raise
+                stale_report(f"{e}; the page is written without its figures until then (then `bench leaderboard "
+                             "--from-snapshot`)")
         csv = out_dir / f"{name}.csv"
         table.to_csv(csv, index=False, float_format="%.6g", na_rep="", lineterminator="\n")
         md = out_dir / f"{name}.md"

@@ -95,6 +95,13 @@ def test_a_report_from_other_results_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no phantom_1shot_summary.csv: it was not made from these results"):
         write_leaderboards(df, tmp_path / "out", n_boot=N_BOOT, reports=tmp_path)
     assert not list((tmp_path / "out").iterdir())
+    # ... except for freshly collected results (`bench leaderboard` without --from-snapshot): their report
+    # comes next, so the page is written without its figures and the stale report is named
+    told = []
+    written = write_leaderboards(df, tmp_path / "out", n_boot=N_BOOT, reports=tmp_path, stale_report=told.append)
+    page = next(p for p in written if p.suffix == ".html").read_text()
+    assert len(told) == 1 and "it was not made from these results" in told[0] and "--from-snapshot" in told[0]
+    assert page.count("data:image/png;base64,") == 1   # the leaderboard's own figure only
 
 
 def test_report_figures_name_a_missing_file(tmp_path):

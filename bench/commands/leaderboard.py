@@ -1,6 +1,8 @@
 """``bench leaderboard``: regenerate ``leaderboards/`` from tracked results, never by hand."""
 from __future__ import annotations
 
+import sys
+
 from bench.commands import add_budget_selection, budget_selection
 
 
@@ -39,6 +41,8 @@ def main(args) -> int:
                              "run `bench run` first, or use --from-snapshot")
         print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
     df = select_budget(read_snapshot(args.snapshot), **budget_selection(args))
-    for path in write_leaderboards(df, args.out, reports=args.reports):
+    # freshly collected results outdate the reports: say so and write the pages without their figures
+    warn = None if args.from_snapshot else (lambda msg: print(f"bench leaderboard: warning: {msg}", file=sys.stderr))
+    for path in write_leaderboards(df, args.out, reports=args.reports, stale_report=warn):
         print(f"wrote {path}")
     return 0
