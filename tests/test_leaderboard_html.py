@@ -104,6 +104,25 @@ def test_a_report_from_other_results_is_refused(tmp_path):
     assert page.count("data:image/png;base64,") == 1   # the leaderboard's own figure only
 
 
+
+def test_bench_leaderboard_warns_on_collecting_and_refuses_from_the_snapshot(tmp_path, capsys):
+    """The README's regeneration: collecting results writes pages without an outdated report's figures and
+    says what to do; rendering the snapshot (the last step, after `bench report`) refuses the stale report."""
+    from bench.cli import main
+    from bench.results import write_snapshot
+    (tmp_path / "phantom-report").mkdir()
+    (tmp_path / "phantom-report" / "report.md").write_text("# lnbench statistics report\n")
+    source = write_snapshot(synthetic_results({"dgst": 0.8, "lora": 0.6}, shots=(1,), repeats=2, cases=4),
+                            tmp_path / "collected.csv")
+    common = ["--snapshot", str(tmp_path / "results.csv"), "--out", str(tmp_path / "out"), "--reports", str(tmp_path)]
+    assert main(["leaderboard", "--results", str(source), *common]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "phantom-report" in err and "--from-snapshot" in err
+    assert (tmp_path / "out" / "phantom.html").is_file()
+    assert main(["leaderboard", "--from-snapshot", *common]) == 2
+    assert "it was not made from these results" in capsys.readouterr().err
+
+
 def test_report_figures_name_a_missing_file(tmp_path):
     (tmp_path / "report.md").write_text("## phantom\n\n![Dice versus shots, phantom](figures/phantom_x.png)\n")
     with pytest.raises(FileNotFoundError, match="phantom_x.png.*regenerate the report"):

@@ -41,8 +41,11 @@ def main(args) -> int:
                              "run `bench run` first, or use --from-snapshot")
         print(f"snapshot: {write_snapshot(df, args.snapshot)} ({len(df)} case rows)")
     df = select_budget(read_snapshot(args.snapshot), **budget_selection(args))
-    # freshly collected results outdate the reports: say so and write the pages without their figures
-    warn = None if args.from_snapshot else (lambda msg: print(f"bench leaderboard: warning: {msg}", file=sys.stderr))
-    for path in write_leaderboards(df, args.out, reports=args.reports, stale_report=warn):
+
+    def warn(msg):  # freshly collected results outdate the reports: say so, write the pages without them
+        print(f"bench leaderboard: warning: {msg}", file=sys.stderr)
+
+    for path in write_leaderboards(df, args.out, reports=args.reports,
+                                   stale_report=None if args.from_snapshot else warn):
         print(f"wrote {path}")
     return 0

@@ -37,7 +37,8 @@ def register(sub) -> None:
     p.add_argument("--datasets", default=None, help="comma list (default phantom)")
     p.add_argument("--shots", type=CHECKS["shots"], default=None, metavar="K[,K...]",
                    help="comma list (default 1,3,5)")
-    p.add_argument("--repeats", type=CHECKS["repeats"], default=None, help="repeats 0..N-1 per cell (default: every repeat of the dataset's protocol, e.g. phantom 10)")
+    p.add_argument("--repeats", type=CHECKS["repeats"], default=None,
+                   help="repeats 0..N-1 per cell (default: every repeat of the dataset's protocol, e.g. phantom 10)")
     p.add_argument("--iterations", type=CHECKS["iterations"], default=None,
                    help="training iterations per cell (default: each dataset's budget, e.g. phantom 20 per "
                         "training case and at least 60, segrap2023 / lnq2023 12,500)")

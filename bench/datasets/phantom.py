@@ -256,7 +256,8 @@ def protocol_v2() -> dict:
 def protocol_v3() -> dict:
     """How ``bench/protocols/phantom/v3.json`` was made: v2 with 10 repeats instead of 5. Its first 5 are v2's
     (their runs are reused); 5 repeats left the 1-shot comparisons, which hinge on one support case, with
-    about 4 degrees of freedom for the repeat component of the crossed CI (docs/phantom.md, Repeats)."""
+    about 4 degrees of freedom for the repeat component of the crossed CI (docs/phantom.md,
+    Protocols v2 and v3)."""
     return _protocol("v3", repeats=10, extends="v2",
                      notes="Extends v2: repeats 0-4 are v2's (same splits and seeds), 5-9 are new.")
 
