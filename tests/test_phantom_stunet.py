@@ -129,7 +129,7 @@ def test_the_committed_sweep_file_runs_its_rows_on_the_stunet_foundation():
     assert rows == ["zero-shot", "full", "dgst"]   # the floor, and the two rows it is read against
     assert "iterations" not in cfg  # the dataset's budget, as the default foundation's sweep file
     specs = grid(rows, cfg["datasets"], cfg["shots"], range(cfg["repeats"]), foundation=cfg["foundation"])
-    assert len(specs) == 3 * 3 * 5 and {s.foundation for s in specs} == {NAME}
+    assert len(specs) == 3 * 3 * 10 and {s.foundation for s in specs} == {NAME}
     assert foundation_recipe(cfg["foundation"]) is PHANTOM_STUNET_RECIPE
 
 
