@@ -91,7 +91,7 @@ class RunSpec:
             return int(self.seed), "user"
         from bench.protocols import Protocol
         # a repeat shared with the version this one extends keeps that version's seed (Protocol.seed_version)
-        version = Protocol.load(self.dataset, self.resolved_protocol_version()).seed_version(self.repeat)
+        version = Protocol.load(self.dataset, self.protocol_version).seed_version(self.repeat)
         return derive_seed(self.dataset, version, self.repeat), \
             f"derived: sha256('{self.dataset}/{version}/repeat{self.repeat}')[:4]"
 
@@ -314,10 +314,10 @@ def finished_ancestor(spec: RunSpec, protocol) -> Optional[Tuple[Path, dict]]:
     repeat: the same split, seed, budget and recipe (``Protocol.check_extends``, ``Protocol.seed_version``),
     hence the same experiment."""
     earlier = []
-    parent = protocol.parent()
+    parent = protocol.parent
     while parent is not None and spec.repeat < parent.n_repeats:
         earlier.append(replace(spec, protocol_version=parent.version))
-        parent = parent.parent()
+        parent = parent.parent
     return _finished(earlier)
 
 

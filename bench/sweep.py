@@ -50,11 +50,11 @@ def grid(methods: Sequence[str], datasets: Sequence[str], shots: Sequence[int],
     from bench.augment import split_row_label
     from bench.protocols import Protocol
     rows = [split_row_label(m) for m in methods]
-    every = {d: range(Protocol.load(d, spec_fields.get("protocol_version")).n_repeats) for d in datasets}
+    repeats_of = {d: repeats if repeats is not None
+                  else range(Protocol.load(d, spec_fields.get("protocol_version")).n_repeats) for d in datasets}
     specs = [RunSpec(**{**spec_fields, "augment": a or spec_fields.get("augment")}, method=m, dataset=d, shots=k,
                      repeat=r)
-             for d, k, (m, a) in itertools.product(datasets, shots, rows)
-             for r in (every[d] if repeats is None else repeats)]
+             for d, k, (m, a) in itertools.product(datasets, shots, rows) for r in repeats_of[d]]
     return list({cell_key(s): s for s in specs}.values())  # `dgst` with augment= and `dgst+synth`: one cell
 
 

@@ -31,7 +31,7 @@ def show_protocol(args: argparse.Namespace) -> int:
     print(textwrap.fill(f"notes: {p.data['notes']}", width=100, subsequent_indent="    "))
     print(f"procedure: {p.data['procedure']} (seed {p.data['seed']})")
     if p.extends:
-        shared = p.parent().n_repeats
+        shared = p.parent.n_repeats
         print(f"extends {p.extends}: repeats 0-{shared - 1} are {p.extends}'s, with its seeds (their {p.extends} runs "
               f"are reused); repeats {shared}-{p.n_repeats - 1} are new")
     print(_ids("test", p.test))

@@ -97,9 +97,11 @@ def resolve_rows(selection, augment=None) -> list:
 def _check_repeats(datasets, repeats) -> None:
     """Refuse more repeats than a dataset's protocol has, before any cell starts."""
     from bench.protocols import Protocol
+    if repeats is None:
+        return
     for d in datasets:
         p = Protocol.load(d)
-        if repeats is not None and repeats > p.n_repeats:
+        if repeats > p.n_repeats:
             raise ValueError(f"--repeats {repeats}, but protocol {d}/{p.version} ({p.path}) has "
                              f"{p.n_repeats}; ask for at most {p.n_repeats}, or leave --repeats out for all")
 

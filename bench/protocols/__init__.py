@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
@@ -94,12 +95,13 @@ class Protocol:
         if not path.is_file():
             raise ProtocolError(f"protocol {dataset}/{version} not found; available: {', '.join(versions)}")
         protocol = cls(json.loads(path.read_text()), path)
-        if protocol.extends:
-            protocol.check_extends(cls.load(dataset, protocol.extends))
+        if protocol.parent is not None:
+            protocol.check_extends(protocol.parent)
         return protocol
 
+    @cached_property
     def parent(self) -> Optional["Protocol"]:
-        """The version this one extends, None if it extends none."""
+        """The version this one extends, None if it extends none (read once: seeds and run reuse ask often)."""
         return Protocol.load(self.dataset, self.extends) if self.extends else None
 
     def check_extends(self, parent: "Protocol") -> None:
@@ -115,9 +117,8 @@ class Protocol:
 
     def seed_version(self, repeat: int) -> str:
         """The version whose name seeds ``repeat`` (provenance.derive_seed): the one that introduced it."""
-        parent = self.parent()
-        if parent is not None and repeat < parent.n_repeats:
-            return parent.seed_version(repeat)
+        if self.parent is not None and repeat < self.parent.n_repeats:
+            return self.parent.seed_version(repeat)
         return self.version
 
     def split(self, shots: int, repeat: int = 0) -> Split:
